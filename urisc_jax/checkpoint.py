@@ -1,0 +1,73 @@
+"""Checkpoints with orbax: model and optimizer state, data iterator state and run metadata, saved together.
+
+Orbax writes each step into a temporary folder and renames it when complete, so an interrupted save never leaves a
+checkpoint that looks whole; `latest_step` only sees finished ones. Resume is automatic: the trainer asks for the
+latest step and restores it into arrays already laid out with the training shardings.
+"""
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) for every array of `tree`, the target orbax restores into."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+  """Saves and restores {"state": pytree, "data": json, "meta": json} under `directory/<step>`.
+
+  Args:
+    directory: checkpoint root, e.g. workdir/checkpoints.
+    max_to_keep: number of most recent checkpoints kept on disk.
+  """
+
+  def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2):
+    self.directory = pathlib.Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, *, data: dict | None = None, meta: dict | None = None) -> None:
+    """Saves `state` (a pytree of arrays) with the JSON-able data iterator state `data` and `meta`."""
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data or {}),
+            meta=ocp.args.JsonSave(meta or {})),
+        force=True)
+
+  def restore(self, step: int, target_state: Any) -> tuple[Any, dict, dict]:
+    """Restores step `step` into the structure, dtypes and shardings of `target_state`.
+
+    Returns:
+      (state, data, meta) as saved.
+    """
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(target_state)),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+
+  def restore_meta(self, step: int) -> dict:
+    """Only the JSON metadata of a step (e.g. the decision threshold), without loading arrays."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"] or {})
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

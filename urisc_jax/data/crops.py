@@ -1,0 +1,44 @@
+"""Where crops and tiles sit in an image: overlapping grids with the last tile flush with the border, random origins.
+
+Training crops and inference tiles share `tile_starts`, so both cover an image the same way.
+"""
+
+import numpy as np
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+  """Start offsets of tiles of size `tile` every `stride` pixels along an axis of `length` pixels.
+
+  The last tile is flush with the border (start = length - tile), so every pixel is covered and no tile leaves the
+  image. An axis shorter than the tile gets one tile at 0 (the caller pads).
+
+  Args:
+    length: axis length in pixels.
+    tile: tile size in pixels.
+    stride: distance between consecutive starts, 0 < stride <= tile.
+
+  Returns:
+    Sorted, distinct start offsets.
+  """
+  if not 0 < stride <= tile:
+    raise ValueError(f"stride must be in (0, tile={tile}], got {stride}.")
+  if length <= tile:
+    return [0]
+  starts = list(range(0, length - tile, stride))
+  starts.append(length - tile)
+  return starts
+
+
+def grid_origins(shape: tuple[int, int], tile: int, stride: int) -> list[tuple[int, int]]:
+  """All (row, col) origins of an overlapping tile grid over an image of `shape` (row-major order)."""
+  rows = tile_starts(shape[0], tile, stride)
+  cols = tile_starts(shape[1], tile, stride)
+  return [(r, c) for r in rows for c in cols]
+
+
+def random_origin(rng: np.random.Generator, shape: tuple[int, int], crop: int) -> tuple[int, int]:
+  """A uniformly random (row, col) origin of a `crop` x `crop` window inside an image of `shape`."""
+  if shape[0] < crop or shape[1] < crop:
+    raise ValueError(f"Crop size {crop} is larger than an image of {shape[0]} x {shape[1]} px: lower "
+                     "config.data.crop_size.")
+  return int(rng.integers(0, shape[0] - crop + 1)), int(rng.integers(0, shape[1] - crop + 1))

@@ -1,0 +1,88 @@
+"""Command line: flags -> config -> mode.
+
+    python -m urisc_jax.main --config=configs/default.py --workdir=runs/default [--mode=train] [--config.key=value]
+
+Modes:
+  train     train (resuming from workdir/checkpoints), choose the threshold on validation images, predict and score
+            the test images: workdir/metrics.json, workdir/predictions/, workdir/overlay.png
+  predict   predict --config.predict.input (a file or folder) with the latest checkpoint of workdir
+  evaluate  score submission TIFFs in --config.eval.pred_dir against ground truth in --config.eval.gt_dir
+  prepare   decode every split of the configured dataset into the memory-mappable cache
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+MODES = ("train", "predict", "evaluate", "prepare")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/default.py.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, predictions and metrics.")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+
+
+def _record_run(config, workdir: pathlib.Path) -> None:
+  """Writes the resolved config and the command line into the workdir, so a run can be repeated exactly."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  with open(workdir / "command.txt", "a", encoding="utf-8") as f:
+    f.write(" ".join([sys.executable, "-m", "urisc_jax.main", *sys.argv[1:]]) + "\n")
+
+
+def run(config, workdir: pathlib.Path, mode: str) -> dict | list:
+  """Dispatches to the library function of `mode` (importable, so notebooks and tests can call the same)."""
+  if mode == "train":
+    from urisc_jax import train
+    return train.train_and_evaluate(config, workdir)
+  if mode == "predict":
+    from urisc_jax import predict
+    return [str(p) for p in predict.predict_files(config, workdir)]
+  if mode == "evaluate":
+    from urisc_jax.evaluation import report
+    if not config.eval.pred_dir or not config.eval.gt_dir:
+      raise app.UsageError("--mode=evaluate needs --config.eval.pred_dir=DIR and --config.eval.gt_dir=DIR.")
+    return report.evaluate_folders(config.eval.pred_dir, config.eval.gt_dir, workdir / "evaluation",
+                                   gt_mode=config.eval.gt_mode)
+  if mode == "prepare":
+    from urisc_jax.data import dataset
+    return {split: len(dataset.prepared_split(config.data, workdir, getattr(config.data, f"{split}_split")))
+            for split in ("train", "val", "test")}
+  raise app.UsageError(f"Unknown mode {mode!r}; choose one of {MODES}.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError("Pass --config=configs/<name>.py and --workdir=DIR.")
+  if _multi_host_requested():
+    # Before any other JAX call: every process joins the job, then sees all hosts' devices.
+    jax.distributed.initialize()
+  workdir = pathlib.Path(_WORKDIR.value)
+  config = _CONFIG.value
+  if jax.process_index() == 0:
+    _record_run(config, workdir)
+  result = run(config, workdir, _MODE.value)
+  if jax.process_index() == 0 and isinstance(result, dict):
+    summary = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
+    print(json.dumps(summary, indent=2, sort_keys=True, default=float))
+
+
+def _multi_host_requested() -> bool:
+  """True when the environment describes a multi-process job: a SLURM step with several tasks, a TPU VM pod
+  slice with several workers, or an explicit coordinator address."""
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    return True
+  return int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,45 @@
+"""The training state and how it is made: model from config, parameters initialised directly in their sharding."""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from urisc_jax import models, sharding
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step changes. `opt_state` holds optax's state; `batch_stats` BatchNorm's running statistics."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def build_model(model_config) -> nn.Module:
+  """The configured model for 1-channel gray input and 1 membrane logit: `models.build(name, **overrides)`."""
+  overrides = {k: v for k, v in model_config.items() if k != "name"}
+  if "dtype" in overrides:
+    overrides["dtype"] = jnp.dtype(overrides["dtype"])
+  return models.build(model_config.name, in_channels=1, num_classes=1, **overrides)
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, crop_size: int) -> TrainState:
+  """Fresh parameters (from a [1, S, S, 1] example input) and optimizer state at step 0."""
+  variables = model.init(rng, jnp.zeros((1, crop_size, crop_size, 1), jnp.float32), train=False)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params))
+
+
+def create_state(model, tx, mesh, rng, crop_size) -> tuple[TrainState, Any]:
+  """Initializes the state directly in its sharded layout (replicated); returns (state, state_shardings)."""
+  init = functools.partial(init_state, model, tx, crop_size=crop_size)
+  abstract = jax.eval_shape(init, rng)
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  return jax.jit(init, out_shardings=shardings)(rng), shardings

@@ -1,0 +1,212 @@
+"""Training: model and optimizer from config, a jitted, donated, sharded step, and the loop with resume.
+
+The step is one pure function `train_step(state, batch, rng) -> (state, metrics)` compiled with `jax.jit` over a
+`Mesh`: the batch is split over the `data` axis, parameters are replicated, and because the computation is written
+for the global batch, BatchNorm statistics and gradients are those of the whole batch (XLA inserts the
+all-reduces). The loop restores the latest checkpoint (model, optimizer, step and data iterator) before it starts.
+"""
+
+import pathlib
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from urisc_jax import checkpoint, losses, optim, outputs, predict, sharding
+from urisc_jax.data import dataset, pipeline
+from urisc_jax.data.normalize import normalize
+from urisc_jax.data.prepare import PreparedImage
+from urisc_jax.run_log import MetricsLogger
+from urisc_jax.state import TrainState, build_model, create_state
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn, *, mean: float, std: float):
+  """Returns train_step(state, batch, rng) -> (state, metrics) for uint8 batches {"image", "label"} [N, S, S, 1]."""
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+    images = normalize(batch["image"], mean=mean, std=std)
+    labels = batch["label"].astype(jnp.float32)
+
+    def loss_of(params):
+      logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                                    mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(rng, state.step)})
+      return loss_fn(logits, labels), (updates["batch_stats"], logits)
+
+    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    predicted = logits >= 0
+    truth = labels > 0.5
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "pixel_accuracy": jnp.mean(predicted == truth),
+        "membrane_fraction_predicted": jnp.mean(predicted),
+    }
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+class _StopRequest:
+  """Turns SIGTERM (preemption, scancel) into a flag the loop checks, so it can save before exiting."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage], *,
+          progress: bool = True) -> tuple[nn.Module, TrainState, dict]:
+  """Trains for `config.train.num_steps` steps, resuming from `workdir/checkpoints` when a checkpoint exists.
+
+  Args:
+    config: the full run config.
+    workdir: run folder; receives checkpoints/, metrics.jsonl and tensorboard/.
+    train_images: prepared, labelled training images.
+    progress: show a progress bar.
+
+  Returns:
+    (model, final state, summary dict with steps, seconds and throughput).
+  """
+  workdir = pathlib.Path(workdir)
+  mesh = sharding.mesh_from_config(config.mesh)
+  num_steps = config.train.num_steps
+  global_batch = config.train.batch_size
+  if global_batch % sharding.data_parallel_size(mesh):
+    raise ValueError(f"config.train.batch_size={global_batch} must be divisible by the mesh's data axis "
+                     f"({sharding.data_parallel_size(mesh)} devices): change the batch size or config.mesh.")
+  model = build_model(config.model)
+  tx = optim.optimizer_from_config(config.optim, num_steps)
+  loss_fn = losses.from_config(config.loss)
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  state, state_shardings = create_state(model, tx, mesh, init_rng, config.data.crop_size)
+
+  examples = pipeline.CropExamples(train_images, crop_size=config.data.crop_size, seed=config.seed,
+                                   flips=config.data.flips, rotations=config.data.rotations)
+  dataset = pipeline.train_dataset(examples, num_steps=num_steps, global_batch_size=global_batch,
+                                   process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter = pipeline.iterator(dataset, num_workers=config.data.num_workers)
+
+  checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    state, data_state, _ = checkpointer.restore(start_step, state)
+    data_iter.set_state(data_state)
+
+  step_fn = jax.jit(make_train_step(model, tx, loss_fn, mean=config.data.mean, std=config.data.std),
+                    in_shardings=(state_shardings, sharding.batch_sharding(mesh), None),
+                    out_shardings=(state_shardings, None), donate_argnums=(0,))
+  logger = MetricsLogger(workdir, enabled=jax.process_index() == 0)
+  pending, started, images_seen = [], None, 0
+  step = start_step
+  with _StopRequest() as stop, tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
+                                    disable=not progress or jax.process_index() != 0) as bar:
+    while step < num_steps:
+      batch = sharding.global_batch_from_local(mesh, next(data_iter))
+      state, metrics = step_fn(state, batch, step_rng)
+      step += 1
+      pending.append(metrics)
+      if started is None:  # Do not count compilation in throughput.
+        jax.block_until_ready(metrics)
+        started = time.perf_counter()
+      else:
+        images_seen += global_batch
+      if step % config.train.log_every == 0 or step == num_steps:
+        averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+        pending = []
+        if not np.isfinite(averaged["loss"]):
+          raise NonFiniteLossError(
+              f"Loss became {averaged['loss']} by step {step}; the last good checkpoint is kept in "
+              f"{checkpointer.directory} (step {checkpointer.latest_step()}). Lower config.optim.learning_rate or "
+              "check the data.")
+        averaged["learning_rate"] = float(optim.schedule_from_config(config.optim, num_steps)(step - 1))
+        logger.write(step, averaged)
+        bar.set_postfix(loss=f"{averaged['loss']:.4f}")
+      bar.update(1)
+      final = step == num_steps
+      if final or stop.requested or step % config.train.checkpoint_every == 0:
+        checkpointer.save(step, state, data=data_iter.get_state(), meta={"step": step})
+      if stop.requested and not final:
+        checkpointer.close()
+        logger.close()
+        raise SystemExit(f"SIGTERM received: saved step {step} to {checkpointer.directory}; rerun the same "
+                         "command to resume.")
+  checkpointer.close()
+  logger.close()
+  elapsed = time.perf_counter() - started if started else 0.0
+  summary = {"steps": num_steps, "resumed_from": start_step, "train_seconds": elapsed,
+             "images_per_second": images_seen / elapsed if elapsed else None}
+  return model, state, summary
+
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
+  """The whole pipeline: data -> training (resumable) -> threshold on validation -> test prediction -> official F1.
+
+  Writes workdir/metrics.json (test F1 with precision, recall and s.e., the intensity-threshold baseline F1, the
+  threshold, timings) and workdir/predictions/ (submission TIFFs, probabilities, overlays); workdir/overlay.png is the
+  first test image's overlay.
+
+  Returns:
+    The metrics dict written to metrics.json.
+  """
+  workdir = pathlib.Path(workdir)
+  started = time.perf_counter()
+  splits = {name: dataset.prepared_split(config.data, workdir, getattr(config.data, f"{name}_split"))
+            for name in ("train", "val", "test")}
+  model, state, train_summary = train(config, workdir, splits["train"])
+  if jax.process_index() != 0:
+    return {}
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  forward = predict.tile_forward(config, model, variables)
+  step = int(state.step)
+  if config.predict.threshold is not None:
+    chosen = {"threshold": float(config.predict.threshold), "val_f1": None, "val_images": []}
+  elif splits["val"]:
+    chosen = predict.choose_threshold(forward, splits["val"], config)
+  else:
+    chosen = {"threshold": 0.5, "val_f1": None, "val_images": []}
+  outputs.write_json(workdir / predict.THRESHOLD_FILE, {"step": step, **chosen})
+  test = predict.predict_and_score(forward, splits["test"], config, threshold=chosen["threshold"],
+                                   out_dir=workdir / "predictions")
+  baseline = predict.intensity_baseline(splits["train"], splits["test"], config.data, gt_mode=config.eval.gt_mode)
+  if splits["test"]:
+    first = workdir / "predictions" / "overlays" / f"{splits['test'][0].name}.png"
+    (workdir / "overlay.png").write_bytes(first.read_bytes())
+  metrics = {
+      "f1": test["f1"], "f1_sem": test["f1_sem"], "precision": test["precision"], "recall": test["recall"],
+      "baseline_f1": baseline["f1"], "baseline_f1_sem": baseline["f1_sem"], "baseline": baseline,
+      "threshold": chosen["threshold"], "val_f1": chosen["val_f1"], "gt_mode": config.eval.gt_mode,
+      "per_image": test["per_image"], "step": step, "train": train_summary,
+      "num_images": {name: len(images) for name, images in splits.items()},
+      "wall_seconds": time.perf_counter() - started,
+  }
+  outputs.write_json(workdir / "metrics.json", metrics)
+  return metrics
