@@ -1,0 +1,95 @@
+"""Tests of the torch-convention layers against direct numpy definitions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from urisc_jax.models import layers
+
+
+def _numpy_conv_transpose(x, weight, bias, stride, padding):
+  """torch's ConvTranspose2d by its definition: every input pixel scatters weight[i, o] onto the output.
+
+  x [H, W, Cin], weight [Cin, Cout, k, k] (torch layout), bias [Cout] -> [(H-1)*s - 2p + k, ..., Cout].
+  """
+  h, w, _ = x.shape
+  k = weight.shape[-1]
+  full = np.zeros(((h - 1) * stride + k, (w - 1) * stride + k, weight.shape[1]))
+  for qy in range(h):
+    for qx in range(w):
+      full[qy * stride:qy * stride + k, qx * stride:qx * stride + k] += np.einsum("i,iokl->klo", x[qy, qx], weight)
+  out_h, out_w = (h - 1) * stride - 2 * padding + k, (w - 1) * stride - 2 * padding + k
+  return full[padding:padding + out_h, padding:padding + out_w] + bias
+
+
+@pytest.mark.parametrize("kernel_size,stride,padding", [(4, 2, 1), (8, 4, 2), (3, 1, 1)])
+def test_conv_transpose_matches_torch_definition(kernel_size, stride, padding):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(5, 6, 3)).astype(np.float32)
+  weight = rng.normal(size=(3, 2, kernel_size, kernel_size)).astype(np.float32)
+  bias = rng.normal(size=(2,)).astype(np.float32)
+  module = layers.ConvTranspose2d(2, kernel_size=kernel_size, stride=stride, padding=padding)
+  params = {"kernel": jnp.asarray(weight.transpose(2, 3, 0, 1)), "bias": jnp.asarray(bias)}
+  got = module.apply({"params": params}, x[None])[0]
+  want = _numpy_conv_transpose(x, weight, bias, stride, padding)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_conv_transpose_is_per_channel():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(4, 4, 3)).astype(np.float32)
+  weight = rng.normal(size=(3, 1, 4, 4)).astype(np.float32)  # torch [Cin, Cout / groups, k, k], groups = 3
+  module = layers.ConvTranspose2d(3, kernel_size=4, stride=2, padding=1, groups=3, use_bias=False)
+  got = module.apply({"params": {"kernel": jnp.asarray(weight.transpose(2, 3, 1, 0))}}, x[None])[0]
+  for c in range(3):
+    want = _numpy_conv_transpose(x[..., c:c + 1], weight[c:c + 1], np.zeros(1), 2, 1)
+    np.testing.assert_allclose(got[..., c:c + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_conv_pads_like_torch():
+  # torch pads a 7x7 stride-2 conv by 3 on every side, so the first output sees input rows/cols 0..3 (16 ones);
+  # Flax 'SAME' would pad (2, 3) and see a 5x5 window (25 ones).
+  conv = layers.conv(1, 7, 2)
+  params = {"kernel": jnp.ones((7, 7, 1, 1))}
+  y = conv.apply({"params": params}, jnp.ones((1, 8, 8, 1)))
+  assert y.shape == (1, 4, 4, 1)
+  assert float(y[0, 0, 0, 0]) == 16.0
+  assert float(y[0, 3, 3, 0]) == 25.0  # rows/cols 3..7
+  assert float(y[0, 1, 1, 0]) == 36.0  # rows/cols 0..5
+
+
+def test_batchnorm_train_and_running_statistics_follow_torch():
+  rng = np.random.default_rng(2)
+  x = (rng.normal(size=(2, 4, 4, 3)) * 3 + 1).astype(np.float32)
+  bn = layers.BatchNorm(momentum=0.1)
+  variables = bn.init(jax.random.key(0), x, train=False)
+  y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+  flat = x.reshape(-1, 3)
+  np.testing.assert_allclose(y.reshape(-1, 3), (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5), atol=1e-4)
+  # torch moves the running variance towards the unbiased batch variance.
+  np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+  # Eval mode uses the running statistics.
+  stats = {"mean": jnp.asarray([1.0, 2.0, 3.0]), "var": jnp.asarray([4.0, 1.0, 0.25])}
+  params = {"scale": jnp.asarray([1.0, 2.0, 3.0]), "bias": jnp.asarray([0.0, 1.0, -1.0])}
+  y = bn.apply({"params": params, "batch_stats": stats}, x, train=False)
+  want = (x - np.array([1, 2, 3])) / np.sqrt(np.array([4, 1, 0.25]) + 1e-5) * np.array([1, 2, 3]) + np.array(
+      [0, 1, -1])
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_nearest_and_bilinear():
+  x = jnp.arange(2 * 3 * 4 * 2, dtype=jnp.float32).reshape(2, 3, 4, 2)
+  np.testing.assert_array_equal(layers.upsample_nearest(x, 2), np.repeat(np.repeat(np.asarray(x), 2, 1), 2, 2))
+  # Half-pixel bilinear x2 of [0, 1] is [0, 0.25, 0.75, 1] (torch align_corners=False, edges clamped).
+  y = layers.resize_bilinear(jnp.asarray([0.0, 1.0]).reshape(1, 1, 2, 1), 1, 4)
+  np.testing.assert_allclose(y.ravel(), [0, 0.25, 0.75, 1], atol=1e-6)
+
+
+def test_spatial_size_check_names_the_fix():
+  with pytest.raises(ValueError, match="divisible by 32.*96 x 64"):
+    layers.check_spatial_size(jnp.zeros((1, 70, 64, 1)), 32, "U-Net")
+  with pytest.raises(ValueError, match="NHWC"):
+    layers.check_spatial_size(jnp.zeros((64, 64)), 32, "U-Net")

@@ -1,0 +1,183 @@
+"""Building blocks shared by the models, written to match PyTorch numerics.
+
+The models load PyTorch weights (torchvision ResNets, CEM500K MoCoV2), so every layer here follows torch's
+conventions rather than Flax's defaults:
+
+- paddings are explicit (Flax 'SAME' pads stride-2 convolutions on the other side than torch does);
+- `BatchNorm` uses torch's epsilon and momentum and updates the running variance with the unbiased estimate, so
+  training from imported statistics moves them the way torch would;
+- `ConvTranspose2d` reproduces torch's `ConvTranspose2d(kernel, stride, padding)` output size and alignment.
+
+All layers keep parameters in float32 and compute in `dtype`. Arrays are NHWC.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# He-normal over fan-out: torchvision's ResNet initialization (kaiming_normal_, mode='fan_out').
+resnet_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# He-uniform over fan-in: segmentation_models_pytorch's decoder initialization (kaiming_uniform_, mode='fan_in').
+decoder_conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "uniform")
+# Xavier-uniform: segmentation_models_pytorch's head initialization.
+head_conv_init = nn.initializers.xavier_uniform()
+
+
+def scaled_channels(channels: int, width: float) -> int:
+  """Channel count under a width multiplier (width=0.125 turns a 64-channel stem into 8 channels)."""
+  return max(1, int(round(channels * width)))
+
+
+def torch_padding(kernel_size: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
+  """The symmetric padding torch uses for an odd `kernel_size` ('same' size at stride 1)."""
+  pad = dilation * (kernel_size - 1) // 2
+  return ((pad, pad), (pad, pad))
+
+
+def conv(features: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1, *, use_bias: bool = False,
+         dtype: Dtype = jnp.float32, kernel_init: Any = resnet_conv_init, name: str | None = None) -> nn.Conv:
+  """A 2-D convolution with torch's explicit symmetric padding: [N, H, W, Cin] -> [N, H/stride, W/stride, features].
+
+  Its kernel is HWIO, i.e. torch's OIHW weight transposed by (2, 3, 1, 0).
+  """
+  return nn.Conv(
+      features,
+      (kernel_size, kernel_size),
+      strides=(stride, stride),
+      padding=torch_padding(kernel_size, dilation),
+      kernel_dilation=(dilation, dilation),
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=kernel_init,
+      name=name,
+  )
+
+
+class BatchNorm(nn.Module):
+  """Batch normalization over N, H, W with torch's conventions.
+
+  Parameters `scale`, `bias` (params) and `mean`, `var` (batch_stats) are float32 vectors of length C.
+  Train mode normalizes with the batch's biased variance and moves the running variance towards the unbiased one,
+  as torch.nn.BatchNorm2d does; eval mode uses the running statistics. `momentum` is torch's (weight of the new
+  batch). Under `jax.jit` with a batch sharded over devices the means are global (XLA reduces across devices).
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    channels = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32))
+    running_var = self.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      x32 = x.astype(jnp.float32)
+      mean = jnp.mean(x32, axes)
+      # One pass over the data for both moments (Flax's default); clipped because rounding can make it negative.
+      var = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        count = x.size // channels
+        unbiased_var = var * (count / max(count - 1, 1))
+        running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
+        running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased_var
+    else:
+      mean, var = running_mean.value, running_var.value
+    # Fold into one multiply-add per element: y = x * a + b with a, b computed once per channel in float32.
+    multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
+    offset = bias - mean * multiplier
+    return x * multiplier.astype(self.dtype) + offset.astype(self.dtype)
+
+
+class ConvBNReLU(nn.Module):
+  """Conv (no bias) -> BatchNorm -> optional ReLU, the unit every ResNet and decoder block is built from."""
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  dilation: int = 1
+  relu: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = resnet_conv_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = conv(self.features, self.kernel_size, self.stride, self.dilation, dtype=self.dtype,
+             kernel_init=self.kernel_init, name="conv")(x)
+    x = BatchNorm(dtype=self.dtype, name="bn")(x, train)
+    return nn.relu(x) if self.relu else x
+
+
+class ConvTranspose2d(nn.Module):
+  """torch.nn.ConvTranspose2d(in, features, kernel_size, stride, padding): [N, H, W, Cin] -> [N, H', W', features].
+
+  H' = (H - 1) * stride - 2 * padding + kernel_size, e.g. 2H for kernel 4, stride 2, padding 1. The kernel is stored
+  as [k, k, Cin, features], i.e. torch's [Cin, features, k, k] moved to the back without flipping; the spatial flip
+  that turns a transposed convolution into a correlation of the dilated input happens here. `groups` splits the
+  channels like torch's `groups` (kernel [k, k, Cin / groups, features]).
+  """
+  features: int
+  kernel_size: int = 4
+  stride: int = 2
+  padding: int = 1
+  groups: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = decoder_conv_init
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_channels = x.shape[-1]
+    if in_channels % self.groups or self.features % self.groups:
+      raise ValueError(f"ConvTranspose2d: channels {in_channels} -> {self.features} not divisible by groups "
+                       f"{self.groups}")
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (k, k, in_channels // self.groups, self.features), jnp.float32)
+    edge = k - 1 - self.padding
+    if edge < 0:
+      raise ValueError(f"ConvTranspose2d: padding {self.padding} larger than kernel_size - 1 = {k - 1}")
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype),
+        kernel[::-1, ::-1].astype(self.dtype),
+        window_strides=(1, 1),
+        padding=((edge, edge), (edge, edge)),
+        lhs_dilation=(self.stride, self.stride),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.groups,
+    )
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
+  """Nearest-neighbour upsampling by an integer factor: [N, H, W, C] -> [N, factor*H, factor*W, C]."""
+  n, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, factor, w, factor, c))
+  return x.reshape(n, h * factor, w * factor, c)
+
+
+def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
+  """Bilinear resize with half-pixel centres (torch's align_corners=False): [N, H, W, C] -> [N, height, width, C]."""
+  n, _, _, c = x.shape
+  return jax.image.resize(x, (n, height, width, c), method="bilinear", antialias=False)
+
+
+def check_spatial_size(x: jax.Array, multiple: int, model: str) -> None:
+  """Raises a ValueError unless x is [N, H, W, C] with H and W multiples of `multiple`."""
+  if x.ndim != 4:
+    raise ValueError(f"{model} expects an NHWC batch [N, H, W, C], got an array of shape {x.shape}; add the batch "
+                     "axis with x[None] or the channel axis with x[..., None]")
+  h, w = x.shape[1], x.shape[2]
+  if h % multiple or w % multiple:
+    raise ValueError(f"{model} needs H and W divisible by {multiple}, got {h} x {w}; pad or crop the input to "
+                     f"{-(-h // multiple) * multiple} x {-(-w // multiple) * multiple} (e.g. jnp.pad with mode "
+                     "'reflect') and crop the logits back")
