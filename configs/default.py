@@ -64,10 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.grad_clip_norm = 1.0
 
   config.train = ml_collections.ConfigDict()
-  config.train.num_steps = 900
+  config.train.num_steps = 500
   config.train.batch_size = 8  # global, over all devices and hosts
   config.train.log_every = 25
-  config.train.checkpoint_every = 300
+  config.train.checkpoint_every = 250
   config.train.keep_checkpoints = 2
 
   # Each host/device count must divide the batch: ("data", -1) takes every device.
@@ -87,4 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.gt_mode = "official"  # "official" (GT as is, like eval.py) or "binarized" (GT <= 122)
   config.eval.pred_dir = ""  # --mode=evaluate
   config.eval.gt_dir = ""  # --mode=evaluate
+  config.eval.prob_dir = ""  # --mode=evaluate, optional: probability maps for ISBI V_rand / V_info
+
+  # --mode=criteria: image definition criteria of originals vs downsampled versions (Track 1 -> Track 2).
+  config.criteria = ml_collections.ConfigDict()
+  config.criteria.input = ""  # an image or folder; "" = the test split of config.data
+  config.criteria.scale = 1024 / 9958  # Track 2's size relative to Track 1
+  config.criteria.methods = ("area", "bilinear", "bicubic", "lanczos")
   return config

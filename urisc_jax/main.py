@@ -8,6 +8,7 @@ Modes:
   predict   predict --config.predict.input (a file or folder) with the latest checkpoint of workdir
   evaluate  score submission TIFFs in --config.eval.pred_dir against ground truth in --config.eval.gt_dir
   prepare   decode every split of the configured dataset into the memory-mappable cache
+  criteria  image definition criteria (Brenner, SMD2, Variance, Vollath) of images and their downsampled versions
 """
 
 import json
@@ -16,10 +17,10 @@ import pathlib
 import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "predict", "evaluate", "prepare")
+MODES = ("train", "predict", "evaluate", "prepare", "criteria")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/default.py.",
                                           lock_config=True)
@@ -48,12 +49,30 @@ def run(config, workdir: pathlib.Path, mode: str) -> dict | list:
     if not config.eval.pred_dir or not config.eval.gt_dir:
       raise app.UsageError("--mode=evaluate needs --config.eval.pred_dir=DIR and --config.eval.gt_dir=DIR.")
     return report.evaluate_folders(config.eval.pred_dir, config.eval.gt_dir, workdir / "evaluation",
-                                   gt_mode=config.eval.gt_mode)
+                                   gt_mode=config.eval.gt_mode, prob_dir=config.eval.prob_dir or None)
   if mode == "prepare":
     from urisc_jax.data import dataset
     return {split: len(dataset.prepared_split(config.data, workdir, getattr(config.data, f"{split}_split")))
             for split in ("train", "val", "test")}
+  if mode == "criteria":
+    return _criteria(config, workdir)
   raise app.UsageError(f"Unknown mode {mode!r}; choose one of {MODES}.")
+
+
+def _criteria(config, workdir: pathlib.Path) -> dict:
+  from urisc_jax.data import dataset, sources
+  from urisc_jax.evaluation import criteria
+  if config.criteria.input:
+    paths = sources.image_files(config.criteria.input)
+  else:
+    paths = [pathlib.Path(im.source_image)
+             for im in dataset.prepared_split(config.data, workdir, config.data.test_split)]
+  if not paths:
+    raise app.UsageError("No images for --mode=criteria: set --config.criteria.input=PATH.")
+  height, width = sources.read_image(paths[0]).shape
+  size = (max(1, round(height * config.criteria.scale)), max(1, round(width * config.criteria.scale)))
+  return criteria.compare_original_and_downsampled(paths, workdir / "criteria", size=size,
+                                                   methods=config.criteria.methods)
 
 
 def main(argv):
@@ -61,6 +80,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("Pass --config=configs/<name>.py and --workdir=DIR.")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and JAX log every checkpoint step at INFO; keep the console to progress bars and results.
+    logging.set_verbosity(logging.WARNING)
   if _multi_host_requested():
     # Before any other JAX call: every process joins the job, then sees all hosts' devices.
     jax.distributed.initialize()

@@ -5,9 +5,11 @@ A run killed mid-write leaves at most a `*.tmp` file, never a truncated TIFF, PN
 
 import contextlib
 import json
+import math
 import os
 import pathlib
 import tempfile
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -29,9 +31,23 @@ def atomic_path(path: str | pathlib.Path):
     raise
 
 
+def json_safe(value: Any) -> Any:
+  """`value` with non-finite floats replaced by None and numpy scalars by Python numbers: standard JSON."""
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  return value
+
+
 def write_json(path: str | pathlib.Path, payload: dict) -> None:
+  """Standard JSON (NaN and infinities become null), written atomically."""
   with atomic_path(path) as tmp:
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float) + "\n")
+    tmp.write_text(json.dumps(json_safe(payload), indent=2, sort_keys=True) + "\n")
 
 
 def write_tiff(path: str | pathlib.Path, array: np.ndarray) -> None:

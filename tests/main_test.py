@@ -1,0 +1,73 @@
+"""End to end through the command line: synthetic data -> training -> checkpoints -> prediction -> official F1."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from urisc_jax.evaluation import f1 as official
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _main(workdir, *flags):
+  command = [sys.executable, "-m", "urisc_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}", *flags]
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("tiny")
+  _main(workdir, "--config.train.num_steps=4")
+  return workdir
+
+
+def test_run_writes_metrics_with_f1_and_baseline(tiny_run):
+  metrics = json.loads((tiny_run / "metrics.json").read_text())
+  for key in ("f1", "precision", "recall", "baseline_f1", "threshold"):
+    assert 0.0 <= metrics[key] <= 1.0, key
+  assert metrics["step"] == 4 and metrics["num_images"] == {"train": 2, "val": 1, "test": 1}
+
+
+def test_predictions_are_valid_submissions_scored_as_reported(tiny_run):
+  metrics = json.loads((tiny_run / "metrics.json").read_text())
+  [entry] = metrics["per_image"]
+  pred = official.read_gray8(tiny_run / "predictions" / f"{entry['name']}.tiff")
+  assert set(np.unique(pred)) <= {0, 255}
+  gt = official.read_gray8(next((tiny_run / "data" / "label" / "Track1" / "test").glob(f"{entry['name']}.*")))
+  if "rejected" not in entry:
+    official.check_prediction_format(pred)
+    np.testing.assert_allclose(official.official_f1(pred, gt)[0], entry["f1"], rtol=1e-12)
+  assert (tiny_run / "overlay.png").stat().st_size > 0
+  assert (tiny_run / "predictions" / "probabilities" / f"{entry['name']}.tif").exists()
+
+
+def test_run_logs_each_step_and_keeps_checkpoints(tiny_run):
+  lines = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in lines] == [1, 2, 3, 4]
+  assert all(np.isfinite(line["loss"]) for line in lines)
+  assert sorted(int(p.name) for p in (tiny_run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+  config = json.loads((tiny_run / "config.json").read_text())
+  assert config["train"]["num_steps"] == 4  # the override reached the config
+
+
+def test_rerun_resumes_from_the_latest_checkpoint(tiny_run):
+  result = _main(tiny_run, "--config.train.num_steps=6")
+  metrics = json.loads((tiny_run / "metrics.json").read_text())
+  assert metrics["train"]["resumed_from"] == 4 and metrics["step"] == 6
+  steps = [json.loads(line)["step"] for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  assert '"f1"' in result.stdout
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+  command = [sys.executable, "-m", "urisc_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+             "--config.train.num_stepz=3"]
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "num_stepz" in result.stderr
