@@ -22,6 +22,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.width = 0.5
   config.model.dtype = "float32"
 
+  # The paper's U-Net-transfer: start the encoder from a PyTorch ResNet checkpoint, e.g. CEM500K MoCoV2
+  # (cem500k_mocov2_resnet50_200ep.pth.tar) with model.name="unet", model.encoder="resnet50", model.width=1.0.
+  # Its stored `norms` then set the input normalization.
+  config.transfer = ml_collections.ConfigDict()
+  config.transfer.checkpoint = ""
+
   config.data = ml_collections.ConfigDict()
   config.data.source = "synthetic"  # "synthetic" | "urisc" (a release folder at data.root)
   config.data.root = ""  # "" = workdir/data for synthetic data

@@ -119,3 +119,25 @@ def test_data_parallel_step_equals_the_single_device_step():
   assert sharded["loss"] < 1e-6 and sharded["batch_stats"] < 1e-6, errors
   for part in ("params", "grads"):
     assert sharded[part] <= 3 * reordered[part] + 1e-6, (part, errors)
+
+
+def test_transfer_checkpoint_sets_the_encoder_and_the_input_normalization():
+  """The U-Net-transfer recipe: a CEM500K-layout checkpoint (tiny widths) replaces exactly the encoder's weights."""
+  from urisc_jax.models import torch_import
+  path = REPO / "tests" / "fixtures" / "models" / "cem500k_mocov2_tiny.pth.tar"
+  model = state_lib.build_model(ml_collections.ConfigDict(
+      {"name": "unet", "encoder": "resnet50", "width": 1 / 32, "dtype": "float32"}))
+  tx = optax.adam(1e-3)
+  mesh = sharding.mesh_from_config((("data", -1),))
+  fresh, shardings = state_lib.create_state(model, tx, mesh, jax.random.key(0), 64)
+  fresh = jax.device_get(fresh)
+  loaded, info = state_lib.load_pretrained_encoder(jax.device_put(fresh, shardings), str(path), shardings)
+  assert info.normalization.mean == pytest.approx(0.57287007) and info.normalization.std == pytest.approx(0.12740536)
+  torch_state = torch_import.read_checkpoint(path)["state_dict"]
+  conv1 = np.asarray(torch_state["module.encoder_q.conv1.weight"])  # [O, I, kh, kw]
+  np.testing.assert_allclose(np.asarray(loaded.params["encoder"]["conv1"]["kernel"]), conv1.transpose(2, 3, 1, 0))
+  for part in ("decoder", "head"):
+    for a, b in zip(jax.tree.leaves(loaded.params[part]), jax.tree.leaves(fresh.params[part])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(loaded.batch_stats["encoder"]), jax.tree.leaves(fresh.batch_stats["encoder"])))

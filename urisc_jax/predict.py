@@ -118,8 +118,8 @@ def predict_and_score(forward, images: list[PreparedImage], config, *, threshold
           "recall": float(np.mean([r["recall"] for r in per_image])), "per_image": per_image}
 
 
-def restore_variables(config, workdir: pathlib.Path, model) -> tuple[dict, int]:
-  """{"params", "batch_stats"} of the latest checkpoint in workdir/checkpoints, placed on the first device."""
+def restore_variables(config, workdir: pathlib.Path, model) -> tuple[dict, int, dict]:
+  """({"params", "batch_stats"}, step, meta) of the latest checkpoint in workdir/checkpoints, on the first device."""
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints")
   step = checkpointer.latest_step()
   if step is None:
@@ -129,9 +129,9 @@ def restore_variables(config, workdir: pathlib.Path, model) -> tuple[dict, int]:
   abstract = jax.eval_shape(lambda rng: state.init_state(model, tx, rng, config.data.crop_size), jax.random.key(0))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-  restored, _, _ = checkpointer.restore(step, target)
+  restored, _, meta = checkpointer.restore(step, target)
   checkpointer.close()
-  return {"params": restored.params, "batch_stats": restored.batch_stats}, step
+  return {"params": restored.params, "batch_stats": restored.batch_stats}, step, meta
 
 
 def stored_threshold(workdir: pathlib.Path, step: int) -> float | None:
@@ -149,7 +149,9 @@ def predict_files(config, workdir: pathlib.Path) -> list[pathlib.Path]:
   if not config.predict.input:
     raise ValueError("--mode=predict needs --config.predict.input=PATH (an image file or a folder of images).")
   model = state.build_model(config.model)
-  variables, step = restore_variables(config, workdir, model)
+  variables, step, meta = restore_variables(config, workdir, model)
+  if meta.get("normalization"):  # The input normalization the model was trained with.
+    config.data.mean, config.data.std = meta["normalization"]["mean"], meta["normalization"]["std"]
   threshold = config.predict.threshold
   if threshold is None:
     threshold = stored_threshold(workdir, step)

@@ -43,3 +43,19 @@ def create_state(model, tx, mesh, rng, crop_size) -> tuple[TrainState, Any]:
   abstract = jax.eval_shape(init, rng)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
   return jax.jit(init, out_shardings=shardings)(rng), shardings
+
+
+def load_pretrained_encoder(state: TrainState, path: str, shardings: Any) -> tuple[TrainState, Any]:
+  """Replaces the encoder's params and batch_stats with a PyTorch ResNet checkpoint's (e.g. CEM500K MoCoV2).
+
+  The paper's U-Net-transfer recipe. Tensors are matched by name and shape; anything missing, unexpected or
+  mis-shaped raises an error naming it (see `models.torch_import`).
+
+  Returns:
+    (state placed with `shardings`, LoadInfo whose `normalization` is the checkpoint's input normalization or None).
+  """
+  from urisc_jax.models import torch_import  # Only transfer runs read torch checkpoints.
+  host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  variables, info = torch_import.load_encoder_weights(host, path)
+  state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+  return jax.device_put(state, shardings), info

@@ -22,7 +22,7 @@ from urisc_jax.data import dataset, pipeline
 from urisc_jax.data.normalize import normalize
 from urisc_jax.data.prepare import PreparedImage
 from urisc_jax.run_log import MetricsLogger
-from urisc_jax.state import TrainState, build_model, create_state
+from urisc_jax.state import TrainState, build_model, create_state, load_pretrained_encoder
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn, *, mean: float, std: float):
@@ -81,6 +81,10 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+def _config_normalization(config) -> dict[str, float]:
+  return {"mean": float(config.data.mean), "std": float(config.data.std)}
+
+
 def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage], *,
           progress: bool = True) -> tuple[nn.Module, TrainState, dict]:
   """Trains for `config.train.num_steps` steps, resuming from `workdir/checkpoints` when a checkpoint exists.
@@ -117,10 +121,18 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
   start_step = checkpointer.latest_step() or 0
   if start_step:
-    state, data_state, _ = checkpointer.restore(start_step, state)
+    state, data_state, meta = checkpointer.restore(start_step, state)
     data_iter.set_state(data_state)
+    normalization = meta.get("normalization") or _config_normalization(config)
+  else:
+    normalization = _config_normalization(config)
+    if config.transfer.checkpoint:
+      state, info = load_pretrained_encoder(state, config.transfer.checkpoint, state_shardings)
+      if info.normalization is not None:
+        normalization = {"mean": info.normalization.mean, "std": info.normalization.std}
+  meta = {"normalization": normalization}
 
-  step_fn = jax.jit(make_train_step(model, tx, loss_fn, mean=config.data.mean, std=config.data.std),
+  step_fn = jax.jit(make_train_step(model, tx, loss_fn, **normalization),
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh), None),
                     out_shardings=(state_shardings, None), donate_argnums=(0,))
   logger = MetricsLogger(workdir, enabled=jax.process_index() == 0)
@@ -132,6 +144,9 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
       batch = sharding.global_batch_from_local(mesh, next(data_iter))
       state, metrics = step_fn(state, batch, step_rng)
       step += 1
+      if pending:
+        # Wait for the previous step only, so the progress bar and ETA are true while the device stays busy.
+        jax.block_until_ready(pending[-1])
       pending.append(metrics)
       if started is None:  # Do not count compilation in throughput.
         jax.block_until_ready(metrics)
@@ -152,7 +167,7 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
       bar.update(1)
       final = step == num_steps
       if final or stop.requested or step % config.train.checkpoint_every == 0:
-        checkpointer.save(step, state, data=data_iter.get_state(), meta={"step": step})
+        checkpointer.save(step, state, data=data_iter.get_state(), meta={"step": step, **meta})
       if stop.requested and not final:
         checkpointer.close()
         logger.close()
@@ -162,7 +177,7 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
   logger.close()
   elapsed = time.perf_counter() - started if started else 0.0
   summary = {"steps": num_steps, "resumed_from": start_step, "train_seconds": elapsed,
-             "images_per_second": images_seen / elapsed if elapsed else None}
+             "images_per_second": images_seen / elapsed if elapsed else None, **meta}
   return model, state, summary
 
 
@@ -182,6 +197,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   splits = {name: dataset.prepared_split(config.data, workdir, getattr(config.data, f"{name}_split"))
             for name in ("train", "val", "test")}
   model, state, train_summary = train(config, workdir, splits["train"])
+  # Predict with the normalization the model was trained with (a transfer checkpoint may have set it).
+  config.data.mean, config.data.std = train_summary["normalization"]["mean"], train_summary["normalization"]["std"]
   if jax.process_index() != 0:
     return {}
   variables = {"params": state.params, "batch_stats": state.batch_stats}

@@ -6,15 +6,14 @@ message, anything that is not 8-bit gray (16-bit, colour, a transparent pixel, a
 Writers are atomic (temporary name, then os.replace) so an interrupted run never leaves a half-written file behind.
 """
 
-import contextlib
-import os
 import pathlib
 import threading
-import uuid
 import warnings
 
 import numpy as np
 from PIL import Image
+
+from urisc_jax.outputs import atomic_path
 
 # U-RISC Track 1 images have 99 Mpix, above Pillow's default decompression-bomb limit (89 Mpix warns, 179 Mpix
 # fails); EM images this project reads can be larger still.
@@ -130,20 +129,6 @@ def _read_with_tifffile(path: pathlib.Path, pillow_error: Exception) -> np.ndarr
     bands = [array[..., c] for c in range(array.shape[-1])]
     return _equal_channels_to_gray(bands, path, has_alpha=array.shape[-1] in (2, 4))
   raise DataError(f"{path} holds an array of shape {array.shape}; expected one 2-D gray image. Save a single page.")
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-  """Yields a temporary path beside `path`; on success it replaces `path` in one step, on failure it is removed."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
 
 
 def write_png(path, gray: np.ndarray, *, channels: int = 1, compress_level: int = 1) -> pathlib.Path:

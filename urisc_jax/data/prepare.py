@@ -9,11 +9,11 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 from tqdm import tqdm
 
+from urisc_jax import outputs
 from urisc_jax.data import sources
 
 _CACHE_VERSION = "1"
@@ -66,14 +66,8 @@ def cache_key(pair: sources.ImagePair, label_settings: dict) -> str:
 
 
 def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, array)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  with outputs.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    np.save(f, array)
 
 
 def prepare_pairs(
