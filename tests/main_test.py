@@ -71,3 +71,22 @@ def test_unknown_config_key_is_refused(tmp_path):
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert "num_stepz" in result.stderr
+
+
+def test_predict_mode_writes_submissions_for_a_folder(tiny_run, tmp_path):
+  images = tiny_run / "data" / "imgs" / "Track1" / "test"
+  _main(tiny_run, "--mode=predict", f"--config.predict.input={images}", f"--config.predict.output={tmp_path}")
+  for image in images.glob("*.png"):
+    pred = official.read_gray8(tmp_path / f"{image.stem}.tiff")
+    assert pred.shape == official.read_gray8(image).shape and set(np.unique(pred)) <= {0, 255}
+    assert (tmp_path / "overlays" / f"{image.stem}.png").exists()
+
+
+def test_evaluate_mode_scores_a_prediction_folder(tiny_run):
+  gt_dir = tiny_run / "data" / "label" / "Track1" / "test"
+  _main(tiny_run, "--mode=evaluate", f"--config.eval.pred_dir={tiny_run / 'predictions'}",
+        f"--config.eval.gt_dir={gt_dir}")
+  report = json.loads((tiny_run / "evaluation" / "evaluation.json").read_text())
+  metrics = json.loads((tiny_run / "metrics.json").read_text())
+  assert report["mean_f1"] == pytest.approx(metrics["f1"], abs=1e-12)
+  assert (tiny_run / "evaluation" / "evaluation.md").exists()
