@@ -36,3 +36,11 @@ def test_random_origins_stay_inside_and_reach_both_borders():
 def test_random_origin_rejects_crops_larger_than_the_image():
   with pytest.raises(ValueError, match="crop_size"):
     crops.random_origin(np.random.default_rng(0), (40, 30), 32)
+
+
+def test_default_grid_on_a_track1_image():
+  origins = crops.grid_origins((9959, 9958))
+  rows = sorted({r for r, _ in origins})
+  cols = sorted({c for _, c in origins})
+  assert len(rows) == len(cols) == 19 and len(origins) == 19 * 19
+  assert rows[:3] == [0, 512, 1024] and rows[-1] == 9959 - 1024 and cols[-1] == 9958 - 1024

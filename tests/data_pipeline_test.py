@@ -1,9 +1,10 @@
-"""The crop pipeline: deterministic by seed, exact resume from iterator state, per-host shards, aligned labels."""
+"""The crop pipeline: deterministic by seed, the same with worker processes, exact resume from iterator state, per-host
+shards, aligned labels, grid patches."""
 
 import numpy as np
 import pytest
 
-from urisc_jax.data import pipeline
+from urisc_jax.data import augment, pipeline, splits
 from urisc_jax.data.prepare import PreparedImage
 
 
@@ -91,3 +92,71 @@ def test_clear_errors_for_unusable_training_sets(tmp_path):
   with pytest.raises(ValueError, match="divisible"):
     pipeline.train_dataset(pipeline.CropExamples(_prepared(tmp_path), crop_size=16, seed=0), num_steps=1,
                            global_batch_size=3, process_count=2)
+
+
+def _all_equal(batches, others):
+  assert len(batches) == len(others)
+  for a, b in zip(batches, others):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_worker_processes_give_the_same_batches_and_resume_exactly(tmp_path):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags; outside absl.app.run they must be marked parsed.
+  examples = pipeline.CropExamples(_prepared(tmp_path, shapes=((60, 80), (70, 50))), crop_size=16, seed=4,
+                                   augment=augment.AugmentConfig.paper())
+  ds = pipeline.train_dataset(examples, num_steps=6, global_batch_size=4)
+  in_process = list(pipeline.iterator(ds, num_workers=0))
+  it = pipeline.iterator(ds, num_workers=2)
+  first = [next(it) for _ in range(2)]
+  state = it.get_state()
+  rest = list(it)
+  _all_equal(first + rest, in_process)
+  resumed = pipeline.iterator(ds, num_workers=2)
+  resumed.set_state(state)
+  _all_equal(list(resumed), in_process[2:])
+
+
+def test_patches_are_walked_once_per_epoch_in_a_seeded_order(tmp_path):
+  images = _prepared(tmp_path, shapes=((40, 40), (48, 32)))
+  patches = splits.grid_patches([im.shape for im in images], patch_size=16, stride=8)
+  train, val = splits.split_patches(patches, seed=0, val_fraction=0.25)
+  plain = augment.AugmentConfig(flip_p=0.0, rot90=False)
+  examples = pipeline.CropExamples(images, crop_size=16, seed=1, augment=plain, patches=train)
+  arrays = [np.load(im.image_path) for im in images]
+  patch_of = {arrays[i][r:r + 16, c:c + 16].tobytes(): (i, r, c) for i, r, c in patches.tolist()}
+  assert len(patch_of) == len(patches)  # random pixels: every window is distinct
+  epochs = [[patch_of[examples(e * len(train) + k)["image"][..., 0].tobytes()] for k in range(len(train))]
+            for e in range(2)]
+  for seen in epochs:
+    assert sorted(seen) == sorted(map(tuple, train.tolist()))  # every training patch once, never a validation one
+  assert epochs[0] != epochs[1]  # a fresh order each epoch
+
+
+def test_validation_patches_in_order(tmp_path):
+  images = _prepared(tmp_path)
+  patches = np.array([(0, 0, 0), (1, 34, 34), (0, 44, 64)])
+  crops_ = pipeline.PatchCrops(images, patches, crop_size=16)
+  batches = list(pipeline.iterator(pipeline.patch_dataset(crops_, batch_size=2)))
+  assert [b["image"].shape[0] for b in batches] == [2, 1]
+  source = np.load(images[0].image_path)
+  np.testing.assert_array_equal(batches[1]["image"][0, ..., 0], source[44:60, 64:80])
+  np.testing.assert_array_equal(batches[0]["label"], (batches[0]["image"] < 64).astype(np.uint8))
+  with pytest.raises(ValueError, match="does not fit"):
+    pipeline.PatchCrops(images, np.array([(1, 40, 40)]), crop_size=16)
+
+
+def test_augment_settings_from_the_config(tmp_path):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  examples = pipeline.CropExamples(_prepared(tmp_path), crop_size=16, seed=0, augment=config.data.augment,
+                                   patches=pipeline.train_patches(config.data, _prepared(tmp_path), seed=0))
+  assert examples._augment == augment.AugmentConfig.from_config(config.data.augment)
+  assert examples.patches is None
+  config.data.augment.rotate_p = 2.0
+  with pytest.raises(ValueError, match="rotate_p=2.0"):
+    pipeline.CropExamples(_prepared(tmp_path), crop_size=16, seed=0, augment=config.data.augment)
+  config.data.split.mode = "patch"
+  config.data.crop_size = 16
+  assert pipeline.train_patches(config.data, _prepared(tmp_path), seed=0).shape[1] == 3

@@ -1,9 +1,11 @@
 """Image/label pairs from dataset folders, read with checks that name the file and the fix.
 
-Three layouts are understood:
+Four layouts are understood:
   - the U-RISC release: `imgs/<track>/<split>/<stem>.png` with `label/<track>/<split>/<stem>.tiff` (Track 2 may have
     no split folders: pass split=None, or the labels may lie directly in `label/Track2`);
   - ISBI 2012 as per-slice files: `<split>/images/NN.png` with `<split>/labels/NN.png` (the test split has none);
+  - ISBI 2012 as released: multi-page TIFF stacks `train-volume.tif` with `train-labels.tif`, and `test-volume.tif`
+    (`isbi_stack_pairs` gives one `StackSlice` per page);
   - any two folders of images and labels paired by file stem.
 Labels mark membranes black (0) on white (255) in both datasets; `read_label` makes the polarity explicit and refuses a
 label whose "membrane" class covers most of the image, the usual sign of an inverted polarity.
@@ -178,7 +180,15 @@ def read_label(path, *, membrane: str = "black", threshold: int | None = None,
   """
   if membrane not in ("black", "white"):
     raise ValueError(f"membrane must be 'black' or 'white', got {membrane!r}")
-  gray = imageio.read_gray(path)
+  return _membrane_mask(imageio.read_gray(path), path, membrane=membrane, threshold=threshold,
+                        max_membrane_fraction=max_membrane_fraction)
+
+
+def _membrane_mask(gray: np.ndarray, path, *, membrane: str, threshold: int | None,
+                   max_membrane_fraction: float) -> np.ndarray:
+  """bool [H, W] membrane mask of a gray label read from `path` (named in errors); see `read_label`."""
+  if membrane not in ("black", "white"):
+    raise ValueError(f"membrane must be 'black' or 'white', got {membrane!r}")
   if threshold is None:
     counts = np.bincount(gray.ravel(), minlength=256)
     other = np.flatnonzero(counts[1:255]) + 1
@@ -221,6 +231,142 @@ def load_pair(pair: ImagePair, *, membrane: str = "black", threshold: int | None
                     f"{pair.label_path} is {mask.shape[0]} x {mask.shape[1]}{hint}; an image and its label must have "
                     "the same size. Replace the label with the one made for this image.")
   return image, mask
+
+
+# ISBI 2012 as the challenge released it: multi-page TIFF stacks, one slice per page (train-volume.tif with
+# train-labels.tif, and test-volume.tif).
+ISBI_STACKS = {"train": ("train-volume.tif", "train-labels.tif"), "test": ("test-volume.tif", None)}
+
+
+@dataclasses.dataclass(frozen=True)
+class StackSlice:
+  """Page `page` of an image stack and the same page of its label stack (label_path None when unlabelled)."""
+  name: str
+  image_path: pathlib.Path
+  label_path: pathlib.Path | None
+  page: int
+
+
+def isbi_stack_pairs(root, *, split: str = "train", require_labels: bool | None = None) -> list[StackSlice]:
+  """Slices of the ISBI 2012 stacks in `root` (train-volume.tif + train-labels.tif, test-volume.tif).
+
+  Args:
+    root: the folder holding the challenge's .tif stacks.
+    split: "train" or "test".
+    require_labels: whether a missing label stack is an error; None means yes except for the test split.
+
+  Returns:
+    One StackSlice per page, named "00", "01", ... like the per-slice layout read by `isbi_pairs`.
+  """
+  root = pathlib.Path(root)
+  if split not in ISBI_STACKS:
+    raise ValueError(f"split must be one of {sorted(ISBI_STACKS)}, got {split!r}")
+  if not root.is_dir():
+    raise MissingDataError(f"ISBI 2012 folder {root} does not exist; point the config at the folder that holds "
+                           "train-volume.tif, train-labels.tif and test-volume.tif.")
+  image_name, label_name = ISBI_STACKS[split]
+  image_stack = root / image_name
+  if not image_stack.is_file():
+    raise MissingDataError(f"image stack {image_stack} does not exist. Found in {root}: {_listing(root)}.")
+  if require_labels is None:
+    require_labels = split != "test"
+  label_stack = root / label_name if label_name else None
+  if label_stack is None or not label_stack.is_file():
+    if require_labels:
+      raise MissingDataError(f"label stack {root / str(label_name)} does not exist (labels for {image_stack}). Found "
+                             f"in {root}: {_listing(root)}. Pass require_labels=False to read images without labels.")
+    label_stack = None
+  return stack_pairs(image_stack, label_stack)
+
+
+def stack_pairs(image_stack, label_stack=None) -> list[StackSlice]:
+  """Pairs page i of a multi-page TIFF of images with page i of a stack of labels (or None).
+
+  Args:
+    image_stack: multi-page TIFF of 8-bit gray slices [D, H, W] (a single page counts as D = 1).
+    label_stack: TIFF stack of labels with the same D, H and W, or None.
+
+  Returns:
+    One StackSlice per page, named by page number with at least two digits.
+  """
+  image_stack = pathlib.Path(image_stack)
+  shape = stack_shape(image_stack)
+  if label_stack is not None:
+    label_stack = pathlib.Path(label_stack)
+    label_shape = stack_shape(label_stack)
+    if label_shape != shape:
+      raise DataError(f"image stack {image_stack} holds {shape[0]} slices of {shape[1]} x {shape[2]} px but label "
+                      f"stack {label_stack} holds {label_shape[0]} of {label_shape[1]} x {label_shape[2]}; a label "
+                      "stack must match its image stack page for page. Use the labels made for this volume.")
+  digits = max(2, len(str(shape[0] - 1)))
+  return [StackSlice(f"{page:0{digits}d}", image_stack, label_stack, page) for page in range(shape[0])]
+
+
+def stack_shape(path) -> tuple[int, int, int]:
+  """(D, H, W) of a TIFF stack of 8-bit gray slices, from its header (no pixel data is read)."""
+  with _open_stack(path) as tif:
+    return _stack_layout(tif, path)[0]
+
+
+def read_stack(path) -> np.ndarray:
+  """Reads a TIFF stack of 8-bit gray slices (one per page, or one shaped page) as uint8 [D, H, W]."""
+  with _open_stack(path) as tif:
+    (depth, height, width), series = _stack_layout(tif, path)
+    try:
+      pages = [s.asarray() for s in series]
+    except Exception as e:  # tifffile raises many types for corrupt data  # pylint: disable=broad-except
+      raise DataError(f"cannot read the pixels of {path}: {e}. The file is corrupt or truncated; replace it with an "
+                      "intact copy.") from None
+  return np.ascontiguousarray(np.concatenate([p.reshape(-1, height, width) for p in pages])[:depth])
+
+
+def load_stack_slice(pair: StackSlice, *, membrane: str = "black", threshold: int | None = None,
+                     max_membrane_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray | None]:
+  """Reads page `pair.page` of an image stack and of its label stack, like `load_pair` does for files.
+
+  Returns:
+    image: uint8 [H, W]; membrane: bool [H, W] (True on membrane), or None if the pair has no label.
+  """
+  image = read_stack(pair.image_path)[pair.page]
+  if pair.label_path is None:
+    return image, None
+  gray = read_stack(pair.label_path)[pair.page]
+  mask = _membrane_mask(gray, f"{pair.label_path} (page {pair.page})", membrane=membrane, threshold=threshold,
+                        max_membrane_fraction=max_membrane_fraction)
+  return image, mask
+
+
+def _open_stack(path):
+  import tifffile  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise MissingDataError(f"TIFF stack {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+  try:
+    return tifffile.TiffFile(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"cannot read {path} as a TIFF stack: {e}. The file is corrupt, truncated or not a TIFF; replace "
+                    "it with an intact copy.") from None
+
+
+def _stack_layout(tif, path) -> tuple[tuple[int, int, int], list]:
+  """((D, H, W), series) of an open TIFF: one shaped series [D, H, W] or [H, W], or one 2-D series per page."""
+  series = list(tif.series)
+  shapes = [tuple(int(n) for n in s.shape) for s in series]
+  dtypes = {str(s.dtype) for s in series}
+  if not series:
+    raise DataError(f"{path} holds no images; expected a stack of 8-bit gray slices.")
+  if dtypes != {"uint8"}:
+    raise DataError(f"{path} holds {', '.join(sorted(dtypes))} pixels; this project reads 8-bit gray only. Convert "
+                    "the stack to uint8.")
+  if len(series) == 1 and len(shapes[0]) in (2, 3):
+    shape = shapes[0] if len(shapes[0]) == 3 else (1, *shapes[0])
+  elif all(len(s) == 2 for s in shapes) and len(set(shapes)) == 1:
+    shape = (len(series), *shapes[0])
+  else:
+    raise DataError(f"{path} holds images of shapes {shapes[:4]}; expected a stack of 2-D gray slices of one size "
+                    "(pages [H, W], or one [D, H, W] array). Save each slice as one gray page.")
+  return shape, series
 
 
 def _split_dir(track_dir: pathlib.Path, split: str | None) -> pathlib.Path:

@@ -1,0 +1,69 @@
+"""Train / validation splits never overlap (by image, by patch), cover what they split and follow the seed."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from urisc_jax.data import crops, splits
+
+URISC_TRACK1 = (9959, 9958)  # rows x columns as stored
+
+
+def _rows(array):
+  return {tuple(int(v) for v in row) for row in array}
+
+
+def test_image_split_is_disjoint_complete_and_seeded():
+  train, val = splits.split_images(30, seed=0, num_val=10)
+  assert len(val) == 10 and len(train) == 20
+  assert not set(train) & set(val) and sorted(set(train) | set(val)) == list(range(30))
+  again = splits.split_images(30, seed=0, num_val=10)
+  np.testing.assert_array_equal(again[1], val)
+  assert not np.array_equal(splits.split_images(30, seed=1, num_val=10)[1], val)
+  assert len(splits.split_images(30, seed=0, val_fraction=0.2)[1]) == 6
+  with pytest.raises(ValueError, match="still train"):
+    splits.split_images(3, seed=0, num_val=3)
+  with pytest.raises(ValueError, match="exactly one"):
+    splits.split_images(3, seed=0)
+
+
+def test_grid_patches_match_the_tile_grid():
+  shapes = [(100, 90), (64, 64)]
+  patches = splits.grid_patches(shapes, patch_size=32, stride=16)
+  expected = [(i, r, c) for i, shape in enumerate(shapes) for r, c in crops.grid_origins(shape, 32, 16)]
+  assert [tuple(p) for p in patches.tolist()] == expected
+  assert patches[:, 1].max() == 100 - 32 and patches[:, 2].max() == 90 - 32  # flush with the border
+  with pytest.raises(ValueError, match="crop_size"):
+    splits.grid_patches([(20, 20)], patch_size=32, stride=16)
+
+
+def test_the_papers_patch_split_of_track1_is_disjoint():
+  """30 Track 1 images, 1024 px patches: the stride that gives 70,000 grid patches, split 50,000 / 20,000."""
+  shapes = [URISC_TRACK1] * 30
+  stride = splits.stride_for(70_000, shapes, 1024)
+  grid = splits.grid_patches(shapes, patch_size=1024, stride=stride)
+  assert len(grid) >= 70_000 and len(splits.grid_patches(shapes, patch_size=1024, stride=stride + 1)) < 70_000
+  train, val = splits.split_patches(grid, seed=0, val_fraction=2 / 7, num_train=50_000, num_val=20_000)
+  assert len(train) == 50_000 and len(val) == 20_000
+  train_rows, val_rows = _rows(train), _rows(val)
+  assert len(train_rows) == 50_000 and len(val_rows) == 20_000  # no patch twice within a side
+  assert not train_rows & val_rows and (train_rows | val_rows) <= _rows(grid)
+  again_train, again_val = splits.split_patches(grid, seed=0, val_fraction=2 / 7, num_train=50_000, num_val=20_000)
+  np.testing.assert_array_equal(again_val, val)
+  assert not np.array_equal(splits.split_patches(grid, seed=1, val_fraction=2 / 7, num_val=20_000)[1], val)
+
+
+def test_patch_split_from_config():
+  config = ml_collections.ConfigDict(dict(mode="patch", stride=0, num_train=0, num_val=0, val_fraction=0.25))
+  train, val = splits.patch_split(config, [(96, 96), (64, 80)], crop_size=32, seed=3)
+  grid = splits.grid_patches([(96, 96), (64, 80)], patch_size=32, stride=16)
+  assert len(val) == round(0.25 * len(grid)) and len(train) + len(val) == len(grid)
+  assert not _rows(train) & _rows(val)
+  config.mode = "folders"
+  assert splits.patch_split(config, [(96, 96)], crop_size=32, seed=3) is None
+  config.update(mode="patch", num_train=500, num_val=200)
+  with pytest.raises(ValueError, match=r"set config.data.split.stride=\d+"):
+    splits.patch_split(config, [(96, 96)], crop_size=32, seed=3)
+  config.mode = "pixels"
+  with pytest.raises(ValueError, match="split.mode"):
+    splits.patch_split(config, [(96, 96)], crop_size=32, seed=3)

@@ -1,0 +1,134 @@
+"""Train / validation splits, derived from one seed: by image (no leakage) or the paper's split of grid patches.
+
+By image: whole images go to one side, so no validation pixel was ever seen in training; use it when a dataset has
+no validation folder (ISBI 2012: 30 training slices). By patch, as the U-RISC paper did (1024 x 1024 patches cut with
+overlap, 50,000 for training and 20,000 for validation): the overlapping grid of every training image is split into
+disjoint sets of patches. Patches are distinct, but overlapping neighbours share pixels, so a patch-level validation
+score is optimistic; the by-image split is the one to report.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from urisc_jax.data import crops
+
+MODES = ("folders", "patch")
+_IMAGE_SPLIT_KEY = 11
+_PATCH_SPLIT_KEY = 12
+
+
+def split_images(num_images: int, *, seed: int, num_val: int | None = None,
+                 val_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Splits image indices 0..num_images-1 into disjoint train and validation sets.
+
+  Args:
+    num_images: how many images there are.
+    seed: the run's seed; the same seed gives the same split.
+    num_val: validation images; or
+    val_fraction: share of the images for validation (rounded, at least one when the share is positive).
+
+  Returns:
+    (train, val): sorted int64 index arrays that together hold every index once.
+  """
+  if (num_val is None) == (val_fraction is None):
+    raise ValueError("Pass exactly one of num_val and val_fraction.")
+  if num_val is None:
+    if not 0 <= val_fraction < 1:
+      raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    num_val = max(1, round(val_fraction * num_images)) if val_fraction > 0 else 0
+  if not 0 <= num_val < num_images:
+    raise ValueError(f"Cannot hold out {num_val} of {num_images} images for validation and still train: lower the "
+                     "number of validation images.")
+  order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_IMAGE_SPLIT_KEY,))).permutation(num_images)
+  return np.sort(order[num_val:]), np.sort(order[:num_val])
+
+
+def grid_patches(shapes: Sequence[tuple[int, int]], *, patch_size: int, stride: int) -> np.ndarray:
+  """Every patch of the overlapping grid of every image (last row and column flush with the border).
+
+  Args:
+    shapes: (H, W) of each image; each side must be at least `patch_size`.
+    patch_size: patch side in pixels.
+    stride: distance between neighbouring patches, 0 < stride <= patch_size.
+
+  Returns:
+    int64 [N, 3]: (image index, row, col) of each patch's top-left corner, image by image, row-major.
+  """
+  rows = []
+  for index, (height, width) in enumerate(shapes):
+    if height < patch_size or width < patch_size:
+      raise ValueError(f"Image {index} is {height} x {width} px, smaller than the {patch_size} px patches: lower "
+                       "config.data.crop_size.")
+    for row, col in crops.grid_origins((height, width), patch_size, stride):
+      rows.append((index, row, col))
+  return np.array(rows, np.int64).reshape(-1, 3)
+
+
+def split_patches(patches: np.ndarray, *, seed: int, val_fraction: float, num_train: int = 0,
+                  num_val: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Splits grid patches into disjoint train and validation sets (the paper: 50,000 and 20,000).
+
+  Args:
+    patches: int [N, 3] from `grid_patches`.
+    seed: the run's seed.
+    val_fraction: share of the patches for validation when num_val is 0.
+    num_train: training patches to keep (0 = every patch not in validation).
+    num_val: validation patches (0 = round(val_fraction * N)).
+
+  Returns:
+    (train, val): int64 [n, 3] and [m, 3], each in grid order, with no patch in both.
+  """
+  total = len(patches)
+  if num_val <= 0:
+    if not 0 < val_fraction < 1:
+      raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    num_val = max(1, round(val_fraction * total))
+  num_train = num_train if num_train > 0 else total - num_val
+  if num_train + num_val > total:
+    raise ValueError(f"The grid holds {total} patches, fewer than the {num_train} + {num_val} asked for: lower "
+                     "config.data.split.stride (more overlap) or the patch counts.")
+  order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_PATCH_SPLIT_KEY,))).permutation(total)
+  val = np.sort(order[:num_val])
+  train = np.sort(order[num_val:num_val + num_train])
+  return patches[train], patches[val]
+
+
+def patch_split(split_config, shapes: Sequence[tuple[int, int]], *, crop_size: int,
+                seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+  """(train, val) patches as `config.data.split` asks for, or None when the split is by folder.
+
+  Args:
+    split_config: config.data.split (mode, stride, num_train, num_val, val_fraction).
+    shapes: (H, W) of the training images.
+    crop_size: patch side, config.data.crop_size.
+    seed: the run's seed.
+  """
+  mode = split_config.mode
+  if mode not in MODES:
+    raise ValueError(f"Unknown config.data.split.mode {mode!r}: choose one of {MODES}.")
+  if mode == "folders":
+    return None
+  stride = split_config.stride or max(1, crop_size // 2)
+  patches = grid_patches(shapes, patch_size=crop_size, stride=stride)
+  wanted = split_config.num_train + split_config.num_val
+  if split_config.num_train > 0 and split_config.num_val > 0 and wanted > len(patches):
+    raise ValueError(f"A {crop_size} px grid at stride {stride} over the {len(shapes)} training images holds "
+                     f"{len(patches)} patches, fewer than the {split_config.num_train} + {split_config.num_val} asked "
+                     f"for: set config.data.split.stride={stride_for(wanted, shapes, crop_size)} or lower the counts.")
+  return split_patches(patches, seed=seed, val_fraction=split_config.val_fraction,
+                       num_train=split_config.num_train, num_val=split_config.num_val)
+
+
+def stride_for(num_patches: int, shapes: Sequence[tuple[int, int]], patch_size: int) -> int:
+  """The largest stride whose grid over `shapes` holds at least `num_patches` patches (1 if none does)."""
+  def count(stride):
+    return sum(len(crops.tile_starts(h, patch_size, stride)) * len(crops.tile_starts(w, patch_size, stride))
+               for h, w in shapes)
+  low, high = 1, patch_size
+  if count(high) >= num_patches:
+    return high
+  while high - low > 1:  # count() falls as the stride grows
+    middle = (low + high) // 2
+    low, high = (middle, high) if count(middle) >= num_patches else (low, middle)
+  return low
