@@ -42,6 +42,38 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.flips = True
   config.data.rotations = True
   config.data.num_workers = 0
+  # The paper's eight augmentations (flips, rotation, zoom, crop, translation, contrast, intensity jitter) plus the
+  # noise-shape cutout U-RISC competitors used; each *_p is the chance per crop (0 = off). See data/augment.py.
+  config.data.augment = ml_collections.ConfigDict()
+  config.data.augment.flip_p = 0.5
+  config.data.augment.rot90 = True
+  config.data.augment.rotate_p = 0.5
+  config.data.augment.rotate_degrees = 45.0
+  config.data.augment.zoom_p = 0.3
+  config.data.augment.zoom_range = (0.8, 1.25)
+  config.data.augment.crop_p = 0.3
+  config.data.augment.crop_area = (0.5, 1.0)
+  config.data.augment.crop_aspect = (0.75, 4 / 3)
+  config.data.augment.translate_p = 0.3
+  config.data.augment.translate_fraction = 0.125
+  config.data.augment.contrast_p = 0.5
+  config.data.augment.contrast_range = (0.75, 1.33)
+  config.data.augment.brightness_p = 0.5
+  config.data.augment.brightness_range = 0.1
+  config.data.augment.gamma_p = 0.3
+  config.data.augment.gamma_range = (0.75, 1.33)
+  config.data.augment.cutout_p = 0.2
+  config.data.augment.cutout_area = (0.02, 0.1)
+  config.data.augment.cutout_blob = 0.125
+  # "folders": train on the release's train split (validation = its val split, whole images, no leakage).
+  # "patch": the paper's split of the training images' overlapping crop_size grid (stride 0 = crop_size / 2) into
+  # disjoint train and validation patches (num_* = 0: all / val_fraction); e.g. 1024 px, stride 190, 50000 / 20000.
+  config.data.split = ml_collections.ConfigDict()
+  config.data.split.mode = "folders"
+  config.data.split.stride = 0
+  config.data.split.num_train = 0
+  config.data.split.num_val = 0
+  config.data.split.val_fraction = 2 / 7
   # Input normalization of gray in [0, 1]; CEM500K's statistics, which its pretrained encoders expect.
   config.data.mean = 0.57287007
   config.data.std = 0.12740536
@@ -55,11 +87,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic.num_test = 3
   config.data.synthetic.seed = 2022
 
+  # name: "focal_dice" (paper) | "focal" | "dice" | "bce" | "balanced_bce" (CASENet) | "soft_f1"; options that the
+  # chosen loss does not take are ignored. deep_supervision: also supervise CASENet's side outputs.
   config.loss = ml_collections.ConfigDict()
   config.loss.name = "focal_dice"
   config.loss.gamma = 2.0
   config.loss.dice_weight = 1.0
+  config.loss.alpha = ml_collections.config_dict.placeholder(float)  # focal's membrane weight, e.g. 0.25 or 0.7
+  config.loss.deep_supervision = False
 
+  # See urisc_jax/optim.py. name: "adam" (paper) | "adamw" | "sgd"; schedule: "constant" | "cosine" | "poly" |
+  # "one_cycle", each with a linear warm-up. num_steps counts train steps; with accumulate_steps = k the optimizer
+  # updates every k steps on the mean gradient (an effective batch of k * train.batch_size).
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adam"
   config.optim.learning_rate = 2e-3
@@ -68,6 +107,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.end_lr_factor = 0.05
   config.optim.weight_decay = 1e-4
   config.optim.grad_clip_norm = 1.0
+  config.optim.momentum = 0.9  # sgd only
+  config.optim.poly_power = 0.9
+  config.optim.one_cycle_pct_start = 0.3
+  config.optim.one_cycle_div_factor = 25.0
+  config.optim.encoder_lr_multiplier = 1.0  # e.g. 0.1: a pretrained encoder learns 10x slower than decoder and head
+  config.optim.accumulate_steps = 1
 
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 500

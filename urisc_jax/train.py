@@ -25,8 +25,14 @@ from urisc_jax.run_log import MetricsLogger
 from urisc_jax.state import TrainState, build_model, create_state, load_pretrained_encoder
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn, *, mean: float, std: float):
-  """Returns train_step(state, batch, rng) -> (state, metrics) for uint8 batches {"image", "label"} [N, S, S, 1]."""
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn, *, mean: float, std: float,
+                    deep_supervision: bool = False):
+  """Returns train_step(state, batch, rng) -> (state, metrics) for uint8 batches {"image", "label"} [N, S, S, 1].
+
+  With `deep_supervision` the loss also supervises the side logits the model sows (CASENet), see
+  `losses.deeply_supervised`. Gradient accumulation lives in `tx` (optax.MultiSteps): every call is one micro-step.
+  """
+  collections = ["batch_stats", "intermediates"] if deep_supervision else ["batch_stats"]
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     images = normalize(batch["image"], mean=mean, std=std)
@@ -34,8 +40,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn,
 
     def loss_of(params):
       logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                                    mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(rng, state.step)})
-      return loss_fn(logits, labels), (updates["batch_stats"], logits)
+                                    mutable=collections, rngs={"dropout": jax.random.fold_in(rng, state.step)})
+      if deep_supervision:
+        loss = losses.deeply_supervised(loss_fn, logits, labels, losses.side_logits(updates))
+      else:
+        loss = loss_fn(logits, labels)
+      return loss, (updates.get("batch_stats", {}), logits)
 
     (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -113,7 +123,9 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
   state, state_shardings = create_state(model, tx, mesh, init_rng, config.data.crop_size)
 
   examples = pipeline.CropExamples(train_images, crop_size=config.data.crop_size, seed=config.seed,
-                                   flips=config.data.flips, rotations=config.data.rotations)
+                                   flips=config.data.flips, rotations=config.data.rotations,
+                                   augment=config.data.get("augment"),
+                                   patches=pipeline.train_patches(config.data, train_images, seed=config.seed))
   dataset = pipeline.train_dataset(examples, num_steps=num_steps, global_batch_size=global_batch,
                                    process_index=jax.process_index(), process_count=jax.process_count())
   data_iter = pipeline.iterator(dataset, num_workers=config.data.num_workers)
@@ -132,7 +144,8 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
         normalization = {"mean": info.normalization.mean, "std": info.normalization.std}
   meta = {"normalization": normalization}
 
-  step_fn = jax.jit(make_train_step(model, tx, loss_fn, **normalization),
+  step_fn = jax.jit(make_train_step(model, tx, loss_fn, deep_supervision=config.loss.get("deep_supervision", False),
+                                    **normalization),
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh), None),
                     out_shardings=(state_shardings, None), donate_argnums=(0,))
   logger = MetricsLogger(workdir, enabled=jax.process_index() == 0)
