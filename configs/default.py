@@ -115,10 +115,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.accumulate_steps = 1
 
   config.train = ml_collections.ConfigDict()
-  config.train.num_steps = 500
+  config.train.num_steps = 400
   config.train.batch_size = 8  # global, over all devices and hosts
   config.train.log_every = 25
-  config.train.checkpoint_every = 250
+  config.train.checkpoint_every = 200
   config.train.keep_checkpoints = 2
 
   # Each host/device count must divide the batch: ("data", -1) takes every device.

@@ -90,3 +90,38 @@ def test_evaluate_mode_scores_a_prediction_folder(tiny_run):
   metrics = json.loads((tiny_run / "metrics.json").read_text())
   assert report["mean_f1"] == pytest.approx(metrics["f1"], abs=1e-12)
   assert (tiny_run / "evaluation" / "evaluation.md").exists()
+
+
+def _losses_by_step(workdir):
+  """The last logged loss of each step (a resumed run logs the steps it redoes again)."""
+  losses = {}
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    losses[record["step"]] = record["loss"]
+  return losses
+
+
+def test_a_run_killed_with_sigkill_and_resumed_repeats_the_uninterrupted_losses(tmp_path):
+  import signal
+  import time
+  flags = ["--config.train.num_steps=12", "--config.data.root=" + str(tmp_path / "data")]
+  _main(tmp_path / "whole", *flags)
+  command = [sys.executable, "-m", "urisc_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'killed'}",
+             *flags]
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  log, checkpoints = tmp_path / "killed" / "metrics.jsonl", tmp_path / "killed" / "checkpoints"
+  deadline = time.time() + 600
+  while time.time() < deadline and process.poll() is None:
+    # Kill once a checkpoint is complete (renamed into place) and the run has gone past it.
+    saved = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()] if checkpoints.exists() else []
+    if saved and log.exists() and len(log.read_text().splitlines()) > max(saved):
+      process.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.02)
+  assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+  _main(tmp_path / "killed", *flags)
+  metrics = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+  assert metrics["train"]["resumed_from"] >= 2
+  whole, resumed = _losses_by_step(tmp_path / "whole"), _losses_by_step(tmp_path / "killed")
+  assert sorted(resumed) == list(range(1, 13))
+  assert resumed == whole  # bit-identical: same data, same state, same step function
