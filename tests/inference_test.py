@@ -198,6 +198,19 @@ def test_gaussian_weights_peak_in_the_centre_and_stay_positive():
   np.testing.assert_allclose(w, np.outer(profile, profile) / profile.max() ** 2, rtol=1e-5)
 
 
+def test_probabilities_are_the_sigmoid_and_can_fill_a_given_buffer():
+  logits = np.linspace(-100, 100, 20001, dtype=np.float32)
+  kept = logits.copy()
+  expected = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  probability = inference.probabilities(logits)
+  assert probability.dtype == np.float32
+  np.testing.assert_allclose(probability, expected, atol=1e-7)
+  out = np.empty_like(logits)
+  assert inference.probabilities(logits, out=out) is out
+  np.testing.assert_array_equal(out, probability)
+  np.testing.assert_array_equal(logits, kept)
+
+
 def test_submission_format_and_overlay_colours():
   membrane = np.array([[True, False], [False, True]])
   np.testing.assert_array_equal(inference.submission(membrane), [[0, 255], [255, 0]])

@@ -75,7 +75,8 @@ def test_unknown_config_key_is_refused(tmp_path):
 
 def test_predict_mode_writes_submissions_for_a_folder(tiny_run, tmp_path):
   images = tiny_run / "data" / "imgs" / "Track1" / "test"
-  _main(tiny_run, "--mode=predict", f"--config.predict.input={images}", f"--config.predict.output={tmp_path}")
+  _main(tiny_run, "--mode=predict", f"--config.predict.input={images}", f"--config.predict.output={tmp_path}",
+        "--config.predict.halo=16")
   for image in images.glob("*.png"):
     pred = official.read_gray8(tmp_path / f"{image.stem}.tiff")
     assert pred.shape == official.read_gray8(image).shape and set(np.unique(pred)) <= {0, 255}

@@ -426,7 +426,8 @@ def border_error_profile(forward: TileForward, image: np.ndarray, *, tile: int, 
     raise ValueError(f"border_error_profile: a tile at {origin} with margin {margin} leaves the image.")
   window = np.asarray(image[r:r + size, c:c + size])
   context = np.asarray(forward(window[None, ..., None]))[0, margin:margin + tile, margin:margin + tile]
-  alone = np.asarray(forward(np.ascontiguousarray(window[margin:margin + tile, margin:margin + tile])[None, ..., None]))[0]
+  inner = np.ascontiguousarray(window[margin:margin + tile, margin:margin + tile])
+  alone = np.asarray(forward(inner[None, ..., None]))[0]
   error = np.abs(alone - context)
   axis = np.minimum(np.arange(tile), tile - 1 - np.arange(tile))
   distance = np.minimum(axis[:, None], axis[None, :])
@@ -450,9 +451,13 @@ def choose_halo(profile: np.ndarray, tolerance: float, *, multiple: int = 16) ->
   return int(-(-within[0] // multiple) * multiple)
 
 
-def probabilities(logits: np.ndarray) -> np.ndarray:
-  """Sigmoid of logits as float32, computed stably in numpy."""
-  return (0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, np.float32)))).astype(np.float32)
+def probabilities(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+  """Sigmoid of logits as float32, computed stably (0.5 + 0.5 tanh(x / 2)) in one buffer: `out` if given."""
+  out = np.multiply(logits, np.float32(0.5), dtype=np.float32, out=out)
+  np.tanh(out, out=out)
+  out *= np.float32(0.5)
+  out += np.float32(0.5)
+  return out
 
 
 def submission(membrane: np.ndarray) -> np.ndarray:

@@ -41,7 +41,8 @@ def tile_forward(config, model, variables) -> inference.TileForward:
 def probabilities(forward: inference.TileForward, image: np.ndarray, predict_config) -> np.ndarray:
   """float32 [H, W] membrane probability of a gray uint8 [H, W] image by sliding window."""
   logits = inference.predict_logits(forward, image, tile=predict_config.tile, step=predict_config.step,
-                                    blend=predict_config.blend, batch_size=predict_config.batch_size)
+                                    blend=predict_config.blend, batch_size=predict_config.batch_size,
+                                    halo=predict_config.get("halo"))
   return inference.probabilities(logits)
 
 

@@ -60,15 +60,20 @@ class _PillowFailed(Exception):
   pass
 
 
+def open_large_image(path) -> Image.Image:
+  """`PIL.Image.open` that accepts images of up to 2^32 pixels (U-RISC's 99 Mpix trip Pillow's bomb check)."""
+  with _open_lock, warnings.catch_warnings():
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, _MAX_PIXELS
+    try:
+      return Image.open(path)
+    finally:
+      Image.MAX_IMAGE_PIXELS = previous
+
+
 def _read_with_pillow(path: pathlib.Path) -> np.ndarray:
   try:
-    with _open_lock, warnings.catch_warnings():
-      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, _MAX_PIXELS
-      try:
-        image = Image.open(path)
-      finally:
-        Image.MAX_IMAGE_PIXELS = previous
+    image = open_large_image(path)
     with image:
       image.load()
       return _pillow_to_gray(image, path)

@@ -230,9 +230,9 @@ def mean_and_sem(values: Iterable[float]) -> tuple[float, float]:
 
 
 def _read_with_pil(path: pathlib.Path) -> np.ndarray:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from urisc_jax.data.imageio import open_large_image  # pylint: disable=g-import-not-at-top
 
-  with Image.open(path) as img:
+  with open_large_image(path) as img:
     img.load()
     mode = img.mode
     if mode in ("1", "L"):
