@@ -6,7 +6,7 @@ Generates a small U-RISC-like release (5 % membrane, mitochondria, vesicles, une
 `workdir/data`, trains LinkNet-ResNet18 (the paper's LinkNet, at half width) on random 256 x 256 crops with focal +
 dice loss and Adam, checkpoints, picks the decision threshold on the validation images, predicts the held-out test
 images by sliding window and scores them with the official U-RISC F1 against a global-intensity-threshold baseline.
-Cost: about 10 minutes on 2 CPU cores; any flag can be overridden, e.g. `--config.train.num_steps=100`.
+Cost: about 6 minutes on 2 idle CPU cores (measured 5 min 55 s; test F1 0.946 vs baseline 0.516); any flag can be overridden, e.g. `--config.train.num_steps=100`.
 """
 
 import ml_collections
@@ -39,8 +39,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.label_threshold = ml_collections.config_dict.placeholder(int)  # e.g. 122 for Track 2 labels
   config.data.cache_dir = ""  # "" = workdir/cache
   config.data.crop_size = 256
-  config.data.flips = True
-  config.data.rotations = True
   config.data.num_workers = 0
   # The paper's eight augmentations (flips, rotation, zoom, crop, translation, contrast, intensity jitter) plus the
   # noise-shape cutout U-RISC competitors used; each *_p is the chance per crop (0 = off). See data/augment.py.

@@ -123,7 +123,6 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
   state, state_shardings = create_state(model, tx, mesh, init_rng, config.data.crop_size)
 
   examples = pipeline.CropExamples(train_images, crop_size=config.data.crop_size, seed=config.seed,
-                                   flips=config.data.flips, rotations=config.data.rotations,
                                    augment=config.data.get("augment"),
                                    patches=pipeline.train_patches(config.data, train_images, seed=config.seed))
   dataset = pipeline.train_dataset(examples, num_steps=num_steps, global_batch_size=global_batch,
