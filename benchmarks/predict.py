@@ -165,27 +165,27 @@ def run_worker(run: Run, tmp: pathlib.Path) -> list[dict]:
   log(f"measuring {run}")
   command = [sys.executable, "-m", "benchmarks.predict", "--worker", json.dumps(dataclasses.asdict(run)),
              "--tmpdir", str(workdir)]
-  proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+  records = _json_lines_of(command, what=f"the measurement {run}", cwd=REPO_ROOT)
+  (workdir / "logits.npy").unlink(missing_ok=True)
+  return records
+
+
+def _json_lines_of(command: list[str], *, what: str, cwd=None) -> list[dict]:
+  """Runs `command`, re-emits and returns the JSON objects it printed one per line; fails loudly on a non-zero exit."""
+  proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
   if proc.returncode:
     log(proc.stderr[-4000:])
-    raise RuntimeError(f"the measurement {run} failed with exit status {proc.returncode}")
+    raise RuntimeError(f"{what} failed with exit status {proc.returncode}")
   records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   for record in records:
     emit(record)
-  (workdir / "logits.npy").unlink(missing_ok=True)
   return records
 
 
 def run_peer(command: str) -> float:
   """Runs the peer's window benchmark; returns its Mpix/s."""
   log(f"measuring the peer: {command}")
-  proc = subprocess.run(shlex.split(command), capture_output=True, text=True, check=False)
-  if proc.returncode:
-    log(proc.stderr[-4000:])
-    raise RuntimeError(f"the peer command failed with exit status {proc.returncode}: {command}")
-  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  for record in records:
-    emit(record)
+  records = _json_lines_of(shlex.split(command), what=f"the peer command {command!r}")
   return next(r["value"] for r in records if r["metric"] == "mpix_per_s")
 
 

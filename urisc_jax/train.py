@@ -117,6 +117,7 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
                      f"({sharding.data_parallel_size(mesh)} devices): change the batch size or config.mesh.")
   model = build_model(config.model)
   tx = optim.optimizer_from_config(config.optim, num_steps)
+  learning_rate = optim.schedule_from_config(config.optim, num_steps)  # for logging only
   loss_fn = losses.from_config(config.loss)
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
@@ -173,7 +174,7 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
               f"Loss became {averaged['loss']} by step {step}; the last good checkpoint is kept in "
               f"{checkpointer.directory} (step {checkpointer.latest_step()}). Lower config.optim.learning_rate or "
               "check the data.")
-        averaged["learning_rate"] = float(optim.schedule_from_config(config.optim, num_steps)(step - 1))
+        averaged["learning_rate"] = float(learning_rate(step - 1))
         logger.write(step, averaged)
         bar.set_postfix(loss=f"{averaged['loss']:.4f}")
       bar.update(1)
