@@ -119,6 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.log_every = 25
   config.train.checkpoint_every = 200
   config.train.keep_checkpoints = 2
+  # Official F1 on the validation images (threshold chosen on them) every eval_every steps and at the end, logged as
+  # val_f1; the best-scoring state is kept in workdir/checkpoints_best. 0 = only after training.
+  config.train.eval_every = 200
 
   # Each host/device count must divide the batch: ("data", -1) takes every device.
   config.mesh = (("data", -1),)

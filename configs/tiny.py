@@ -22,6 +22,7 @@ def get_config():
   config.train.batch_size = 8
   config.train.log_every = 1
   config.train.checkpoint_every = 2
+  config.train.eval_every = 2
   config.optim.warmup_steps = 0
   config.predict.tile = 64
   config.predict.batch_size = 8

@@ -52,3 +52,21 @@ def test_an_unfinished_save_folder_is_not_a_checkpoint(tmp_path):
   (tmp_path / "ckpt" / "2.orbax-checkpoint-tmp-123").mkdir()
   ckpt.close()
   assert checkpoint.Checkpointer(tmp_path / "ckpt").latest_step() == 1
+
+
+def test_best_checkpoint_keeps_only_the_highest_score_and_remembers_it(tmp_path):
+  best = checkpoint.BestCheckpoint(tmp_path / "best")
+  offered = [best.offer(step, _state(step), score, meta={"threshold": step / 10})
+             for step, score in ((2, 0.5), (4, 0.7), (6, 0.6), (8, 0.7))]
+  best.close()
+  assert offered == [True, True, False, False]  # a tie keeps the earlier state
+  reopened = checkpoint.BestCheckpoint(tmp_path / "best")
+  assert (reopened.best_step, reopened.best_score) == (4, 0.7)
+  assert not reopened.offer(10, _state(10), 0.69)
+  reopened.close()
+  ckpt = checkpoint.Checkpointer(tmp_path / "best")
+  assert ckpt.all_steps() == [4]
+  restored, _, meta = ckpt.restore(4, _state(0))
+  ckpt.close()
+  assert meta == {"threshold": 0.4, "val_f1": 0.7, "step": 4}
+  np.testing.assert_array_equal(restored["params"]["conv"]["kernel"], _state(4)["params"]["conv"]["kernel"])

@@ -56,6 +56,20 @@ def test_run_logs_each_step_and_keeps_checkpoints(tiny_run):
   assert config["train"]["num_steps"] == 4  # the override reached the config
 
 
+def test_validation_during_training_is_logged_and_keeps_the_best_state(tiny_run):
+  lines = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+  validated = {line["step"]: line for line in lines if "val_f1" in line}
+  assert sorted(validated) == [2, 4]  # tiny validates every 2 steps
+  assert all(0.0 <= v["val_f1"] <= 1.0 and 0.0 < v["val_threshold"] < 1.0 for v in validated.values())
+  metrics = json.loads((tiny_run / "metrics.json").read_text())
+  # The threshold of the final validation is the one used on the test images.
+  assert metrics["threshold"] == validated[4]["val_threshold"] and metrics["val_f1"] == validated[4]["val_f1"]
+  best = metrics["train"]["best"]
+  assert best["val_f1"] == max(v["val_f1"] for v in validated.values())
+  assert [int(p.name) for p in (tiny_run / "checkpoints_best").iterdir() if p.name.isdigit()] == [best["step"]]
+  assert (tiny_run / "loss_curve.png").stat().st_size > 0
+
+
 def test_rerun_resumes_from_the_latest_checkpoint(tiny_run):
   result = _main(tiny_run, "--config.train.num_steps=6")
   metrics = json.loads((tiny_run / "metrics.json").read_text())

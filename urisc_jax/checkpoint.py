@@ -71,3 +71,38 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class BestCheckpoint:
+  """Keeps the one state with the highest validation score under `directory` (e.g. workdir/checkpoints_best).
+
+  Beside the keep-last-N checkpoints of the trainer, so that neither policy evicts the other's. The score and any
+  metadata (the threshold chosen with it) are stored in the checkpoint's meta, so a resumed run knows the score to
+  beat, and prediction can use the best state with its own threshold.
+
+  Args:
+    directory: folder holding the single best step.
+    score_key: meta key of the score that is maximized.
+  """
+
+  def __init__(self, directory: str | pathlib.Path, *, score_key: str = "val_f1"):
+    self._checkpointer = Checkpointer(directory, max_to_keep=1)
+    self.score_key = score_key
+    step = self._checkpointer.latest_step()
+    self.best_step = step
+    self.best_score = None if step is None else self._checkpointer.restore_meta(step).get(score_key)
+
+  @property
+  def directory(self) -> pathlib.Path:
+    return self._checkpointer.directory
+
+  def offer(self, step: int, state: Any, score: float, *, meta: dict | None = None) -> bool:
+    """Saves `state` if `score` beats the best so far (ties keep the earlier step); returns whether it did."""
+    if self.best_score is not None and not score > self.best_score:
+      return False
+    self._checkpointer.save(step, state, meta={**(meta or {}), self.score_key: float(score), "step": int(step)})
+    self.best_step, self.best_score = step, float(score)
+    return True
+
+  def close(self) -> None:
+    self._checkpointer.close()

@@ -17,11 +17,10 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from urisc_jax import checkpoint, losses, optim, outputs, predict, sharding
+from urisc_jax import checkpoint, losses, optim, outputs, predict, run_log, sharding
 from urisc_jax.data import dataset, pipeline
 from urisc_jax.data.normalize import normalize
 from urisc_jax.data.prepare import PreparedImage
-from urisc_jax.run_log import MetricsLogger
 from urisc_jax.state import TrainState, build_model, create_state, load_pretrained_encoder
 
 
@@ -95,18 +94,33 @@ def _config_normalization(config) -> dict[str, float]:
   return {"mean": float(config.data.mean), "std": float(config.data.std)}
 
 
-def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage], *,
-          progress: bool = True) -> tuple[nn.Module, TrainState, dict]:
+def validate(config, model: nn.Module, state: TrainState, val_images: list[PreparedImage]) -> dict:
+  """Official-scorer F1 of the current state on the validation images at the threshold that maximizes it there.
+
+  Returns:
+    {"threshold", "val_f1", "val_images"} as `predict.choose_threshold` gives them.
+  """
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return predict.choose_threshold(predict.tile_forward(config, model, variables), val_images, config)
+
+
+def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage],
+          val_images: list[PreparedImage] | None = None, *, progress: bool = True) -> tuple[nn.Module, TrainState, dict]:
   """Trains for `config.train.num_steps` steps, resuming from `workdir/checkpoints` when a checkpoint exists.
+
+  Every `config.train.eval_every` steps (and at the last step) the state is scored on `val_images` with the official
+  F1 at the best threshold; the scores are logged as val_f1 / val_threshold, and the best-scoring state is kept in
+  `workdir/checkpoints_best` beside the last `config.train.keep_checkpoints` ones.
 
   Args:
     config: the full run config.
-    workdir: run folder; receives checkpoints/, metrics.jsonl and tensorboard/.
+    workdir: run folder; receives checkpoints/, checkpoints_best/, metrics.jsonl, tensorboard/ and loss_curve.png.
     train_images: prepared, labelled training images.
+    val_images: prepared, labelled validation images; None or [] skips validation during training.
     progress: show a progress bar.
 
   Returns:
-    (model, final state, summary dict with steps, seconds and throughput).
+    (model, final state, summary dict with steps, seconds, throughput, and the last and best validation results).
   """
   workdir = pathlib.Path(workdir)
   mesh = sharding.mesh_from_config(config.mesh)
@@ -148,7 +162,10 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
                                     **normalization),
                     in_shardings=(state_shardings, sharding.batch_sharding(mesh), None),
                     out_shardings=(state_shardings, None), donate_argnums=(0,))
-  logger = MetricsLogger(workdir, enabled=jax.process_index() == 0)
+  logger = run_log.MetricsLogger(workdir, enabled=jax.process_index() == 0)
+  eval_every = config.train.get("eval_every", 0) if val_images else 0
+  best = checkpoint.BestCheckpoint(workdir / "checkpoints_best") if eval_every else None
+  validation = None
   pending, started, images_seen = [], None, 0
   step = start_step
   with _StopRequest() as stop, tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
@@ -166,7 +183,9 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
         started = time.perf_counter()
       else:
         images_seen += global_batch
-      if step % config.train.log_every == 0 or step == num_steps:
+      final = step == num_steps
+      evaluate = bool(eval_every) and (step % eval_every == 0 or final)
+      if step % config.train.log_every == 0 or final or evaluate:
         averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
         pending = []
         if not np.isfinite(averaged["loss"]):
@@ -175,22 +194,33 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
               f"{checkpointer.directory} (step {checkpointer.latest_step()}). Lower config.optim.learning_rate or "
               "check the data.")
         averaged["learning_rate"] = float(learning_rate(step - 1))
+        if evaluate:
+          validation = {"step": step, **validate(config, model, state, val_images)}
+          averaged.update(val_f1=validation["val_f1"], val_threshold=validation["threshold"])
+          best.offer(step, state, validation["val_f1"], meta={"threshold": validation["threshold"], **meta})
         logger.write(step, averaged)
-        bar.set_postfix(loss=f"{averaged['loss']:.4f}")
+        bar.set_postfix(loss=f"{averaged['loss']:.4f}",
+                        **({"val_f1": f"{validation['val_f1']:.4f}"} if validation else {}))
       bar.update(1)
-      final = step == num_steps
       if final or stop.requested or step % config.train.checkpoint_every == 0:
         checkpointer.save(step, state, data=data_iter.get_state(), meta={"step": step, **meta})
       if stop.requested and not final:
         checkpointer.close()
+        if best:
+          best.close()
         logger.close()
         raise SystemExit(f"SIGTERM received: saved step {step} to {checkpointer.directory}; rerun the same "
                          "command to resume.")
   checkpointer.close()
+  if best:
+    best.close()
   logger.close()
+  if jax.process_index() == 0 and (workdir / "metrics.jsonl").exists():
+    run_log.plot_curves(workdir / "metrics.jsonl", workdir / "loss_curve.png")
   elapsed = time.perf_counter() - started if started else 0.0
   summary = {"steps": num_steps, "resumed_from": start_step, "train_seconds": elapsed,
-             "images_per_second": images_seen / elapsed if elapsed else None, **meta}
+             "images_per_second": images_seen / elapsed if elapsed else None, "validation": validation,
+             "best": {"step": best.best_step, "val_f1": best.best_score} if best else None, **meta}
   return model, state, summary
 
 
@@ -209,7 +239,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   started = time.perf_counter()
   splits = {name: dataset.prepared_split(config.data, workdir, getattr(config.data, f"{name}_split"))
             for name in ("train", "val", "test")}
-  model, state, train_summary = train(config, workdir, splits["train"])
+  model, state, train_summary = train(config, workdir, splits["train"], splits["val"])
   # Predict with the normalization the model was trained with (a transfer checkpoint may have set it).
   config.data.mean, config.data.std = train_summary["normalization"]["mean"], train_summary["normalization"]["std"]
   if jax.process_index() != 0:
@@ -217,8 +247,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   forward = predict.tile_forward(config, model, variables)
   step = int(state.step)
+  last_validation = train_summary["validation"]
   if config.predict.threshold is not None:
     chosen = {"threshold": float(config.predict.threshold), "val_f1": None, "val_images": []}
+  elif last_validation and last_validation["step"] == step:  # Validated at the last step while training.
+    chosen = {k: last_validation[k] for k in ("threshold", "val_f1", "val_images")}
   elif splits["val"]:
     chosen = predict.choose_threshold(forward, splits["val"], config)
   else:
