@@ -141,6 +141,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.gt_mode = "official"  # "official" (GT as is, like eval.py) or "binarized" (GT <= 122)
+  # Also score the test images by class (membrane and cell-interior F1 by the official formula, no format check),
+  # pixel error, V_rand and V_info (evaluation/two_class.py): for ISBI-like data that the official scorer refuses.
+  config.eval.two_class = False
   config.eval.pred_dir = ""  # --mode=evaluate
   config.eval.gt_dir = ""  # --mode=evaluate
   config.eval.prob_dir = ""  # --mode=evaluate, optional: probability maps for ISBI V_rand / V_info

@@ -23,7 +23,7 @@ def _main(workdir, *flags):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny")
-  _main(workdir, "--config.train.num_steps=4")
+  _main(workdir, "--config.train.num_steps=4", "--config.eval.two_class=True")
   return workdir
 
 
@@ -32,6 +32,15 @@ def test_run_writes_metrics_with_f1_and_baseline(tiny_run):
   for key in ("f1", "precision", "recall", "baseline_f1", "threshold"):
     assert 0.0 <= metrics[key] <= 1.0, key
   assert metrics["step"] == 4 and metrics["num_images"] == {"train": 2, "val": 1, "test": 1}
+
+
+def test_two_class_scores_are_reported_when_asked_for(tiny_run):
+  metrics = json.loads((tiny_run / "metrics.json").read_text())
+  scores = metrics["two_class"]
+  assert scores["threshold"] == metrics["threshold"]
+  for key in ("membrane_f1", "interior_f1", "pixel_error", "v_rand", "v_info"):
+    assert 0.0 <= scores[key] <= 1.0, key
+  assert [row["name"] for row in scores["per_image"]] == [row["name"] for row in metrics["per_image"]]
 
 
 def test_predictions_are_valid_submissions_scored_as_reported(tiny_run):

@@ -21,6 +21,7 @@ from urisc_jax import checkpoint, losses, optim, outputs, predict, run_log, shar
 from urisc_jax.data import dataset, pipeline
 from urisc_jax.data.normalize import normalize
 from urisc_jax.data.prepare import PreparedImage
+from urisc_jax.evaluation import report, two_class
 from urisc_jax.state import TrainState, build_model, create_state, load_pretrained_encoder
 
 
@@ -225,6 +226,14 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
 
 
 
+def two_class_scores(images: list[PreparedImage], predictions_dir: pathlib.Path, *, threshold: float) -> dict:
+  """`evaluation.two_class.dataset_scores` of the probability maps written under `predictions_dir` (thresholded as
+  they are, before any config.predict.postprocess)."""
+  probabilities = [report.read_probability(predictions_dir / "probabilities" / f"{im.name}.tif") for im in images]
+  return two_class.dataset_scores(probabilities, [np.asarray(im.label(), bool) for im in images],
+                                  threshold=threshold, names=[im.name for im in images])
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   """The whole pipeline: data -> training (resumable) -> threshold on validation -> test prediction -> official F1.
 
@@ -263,11 +272,13 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   if splits["test"]:
     first = workdir / "predictions" / "overlays" / f"{splits['test'][0].name}.png"
     (workdir / "overlay.png").write_bytes(first.read_bytes())
+  if config.eval.two_class and splits["test"]:
+    test["two_class"] = two_class_scores(splits["test"], workdir / "predictions", threshold=chosen["threshold"])
   metrics = {
       "f1": test["f1"], "f1_sem": test["f1_sem"], "precision": test["precision"], "recall": test["recall"],
       "baseline_f1": baseline["f1"], "baseline_f1_sem": baseline["f1_sem"], "baseline": baseline,
       "threshold": chosen["threshold"], "val_f1": chosen["val_f1"], "gt_mode": config.eval.gt_mode,
-      "per_image": test["per_image"], "step": step, "train": train_summary,
+      "per_image": test["per_image"], "two_class": test.get("two_class"), "step": step, "train": train_summary,
       "num_images": {name: len(images) for name, images in splits.items()},
       "wall_seconds": time.perf_counter() - started,
   }
