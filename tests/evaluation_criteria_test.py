@@ -118,3 +118,16 @@ def test_compare_original_and_downsampled_writes_tables_and_figure(tmp_path):
   markdown = (tmp_path / "out" / "criteria.md").read_text()
   assert "| x | original | 64 x 48 |" in markdown and "bicubic" in markdown
   assert (tmp_path / "out" / "criteria.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_arrays_given_as_loaders_score_like_the_same_images_on_disk(tmp_path):
+  rng = np.random.default_rng(5)
+  gray = ndimage.gaussian_filter(rng.random((64, 48)) * 255, 0.7).astype(np.uint8)
+  Image.fromarray(gray).save(tmp_path / "slice07.png")
+  from_file = criteria.compare_original_and_downsampled([tmp_path / "slice07.png"], tmp_path / "a", size=(16, 12),
+                                                        methods=("area",))
+  from_array = criteria.compare_original_and_downsampled([("slice07", lambda: gray)], tmp_path / "b", size=(16, 12),
+                                                         methods=("area",))
+  for row_file, row_array in zip(from_file["rows"], from_array["rows"]):
+    assert row_array["path"] == "" and row_file["path"].endswith("slice07.png")
+    assert {k: v for k, v in row_file.items() if k != "path"} == {k: v for k, v in row_array.items() if k != "path"}

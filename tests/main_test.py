@@ -149,3 +149,12 @@ def test_a_run_killed_with_sigkill_and_resumed_repeats_the_uninterrupted_losses(
   whole, resumed = _losses_by_step(tmp_path / "whole"), _losses_by_step(tmp_path / "killed")
   assert sorted(resumed) == list(range(1, 13))
   assert resumed == whole  # bit-identical: same data, same state, same step function
+
+
+def test_criteria_mode_compares_prepared_test_images_with_downsampled_versions(tiny_run):
+  _main(tiny_run, "--mode=criteria", "--config.criteria.scale=0.5", "--config.criteria.methods=('area',)")
+  result = json.loads((tiny_run / "criteria" / "criteria.json").read_text())
+  metrics = json.loads((tiny_run / "metrics.json").read_text())
+  assert {row["image"] for row in result["rows"]} == {row["name"] for row in metrics["per_image"]}
+  assert sorted({(row["version"], row["height"], row["width"]) for row in result["rows"]}) == [
+      ("area", 96, 80), ("original", 192, 160)]

@@ -63,15 +63,17 @@ def _criteria(config, workdir: pathlib.Path) -> dict:
   from urisc_jax.data import dataset, sources
   from urisc_jax.evaluation import criteria
   if config.criteria.input:
-    paths = sources.image_files(config.criteria.input)
-  else:
-    paths = [pathlib.Path(im.source_image)
-             for im in dataset.prepared_split(config.data, workdir, config.data.test_split)]
-  if not paths:
+    images = sources.image_files(config.criteria.input)
+    first_shape = sources.read_image(images[0]).shape if images else None
+  else:  # Prepared images: stack slices and TFDS records have no image file of their own.
+    prepared = dataset.prepared_split(config.data, workdir, config.data.test_split)
+    images = [(im.name, im.image) for im in prepared]
+    first_shape = prepared[0].image().shape if prepared else None
+  if not images:
     raise app.UsageError("No images for --mode=criteria: set --config.criteria.input=PATH.")
-  height, width = sources.read_image(paths[0]).shape
+  height, width = first_shape
   size = (max(1, round(height * config.criteria.scale)), max(1, round(width * config.criteria.scale)))
-  return criteria.compare_original_and_downsampled(paths, workdir / "criteria", size=size,
+  return criteria.compare_original_and_downsampled(images, workdir / "criteria", size=size,
                                                    methods=config.criteria.methods)
 
 

@@ -21,8 +21,9 @@ OpenCV's INTER_LINEAR, which samples the 2 x 2 nearest source pixels.
 
 from __future__ import annotations
 
+import functools
 import pathlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -190,23 +191,34 @@ def _figure(summary: Mapping[str, Mapping[str, Any]], path: pathlib.Path) -> Non
   figure.savefig(path, dpi=120)
 
 
-def compare_original_and_downsampled(image_paths: Iterable[str | pathlib.Path], out_dir: str | pathlib.Path, *,
-                                     size: Sequence[int] = TRACK2_SIZE,
+def _named_loader(item) -> tuple[str, str, Callable[[], np.ndarray]]:
+  """A path or a (name, load) pair -> (name, path or "", load)."""
+  if isinstance(item, tuple):
+    name, load = item
+    return str(name), "", load
+  path = pathlib.Path(item)
+  return path.stem, str(path), functools.partial(f1_lib.read_gray8, path)
+
+
+def compare_original_and_downsampled(images: Iterable[str | pathlib.Path | tuple[str, Callable[[], np.ndarray]]],
+                                     out_dir: str | pathlib.Path, *, size: Sequence[int] = TRACK2_SIZE,
                                      methods: Sequence[str] = METHODS) -> dict[str, Any]:
   """Definition criteria of original images and their downsampled versions, written as JSON, Markdown and a figure.
 
   Args:
-    image_paths: 8-bit gray PNG / TIFF files (e.g. Track 1 images; RGB with equal channels is fine).
+    images: 8-bit gray PNG / TIFF files (e.g. Track 1 images; RGB with equal channels is fine), or (name, load)
+      pairs whose `load()` returns a uint8 [H, W] array (e.g. prepared stack slices); loaded one at a time.
     out_dir: folder for criteria.json, criteria.md and criteria.png (created if needed).
     size: downsampled (height, width), (1024, 1024) for Track 2.
     methods: downsampling methods to compare, from "area", "bilinear", "bicubic", "lanczos".
 
   Returns:
-    {"size", "methods", "rows": [{"image", "version", "height", "width", <criteria>}], "summary": {version:
-     {criterion: {"mean", "sem"}}}, "files": {"json", "markdown", "figure"}}; version is "original" or a method.
+    {"size", "methods", "rows": [{"image", "path", "version", "height", "width", <criteria>}], "summary": {version:
+     {criterion: {"mean", "sem"}}}, "files": {"json", "markdown", "figure"}}; version is "original" or a method,
+    path is "" for arrays.
   """
-  paths = [pathlib.Path(p) for p in image_paths]
-  if not paths:
+  named = [_named_loader(item) for item in images]
+  if not named:
     raise ValueError("no images given")
   methods = list(methods)
   for method in methods:
@@ -217,11 +229,11 @@ def compare_original_and_downsampled(image_paths: Iterable[str | pathlib.Path], 
   out_dir.mkdir(parents=True, exist_ok=True)
 
   rows = []
-  for path in paths:
-    image = f1_lib.read_gray8(path)
+  for name, path, load in named:
+    image = np.asarray(load())
     versions = {"original": image, **{m: downsample(image, size, m) for m in methods}}
     for version, pixels in versions.items():
-      rows.append({"image": path.stem, "path": str(path), "version": version, "height": int(pixels.shape[0]),
+      rows.append({"image": name, "path": path, "version": version, "height": int(pixels.shape[0]),
                    "width": int(pixels.shape[1]), **image_criteria(pixels)})
 
   summary = {}
