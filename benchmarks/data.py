@@ -1,6 +1,7 @@
 """Speed and memory of the crop pipeline at U-RISC scale, one JSON object per line.
 
     python -m benchmarks.data                  # crops/s with 0 and 2 workers; peak RSS with 1 and 10 images
+    python -m benchmarks.data --bench crops --workers 0 --threads 1,2    # crops/s only, 1 and 2 warp threads
     python -m benchmarks.data --model_step     # and the crops/s a U-Net-ResNet50 train step consumes (1024^2, batch 1)
 
 A full-size U-RISC Track 1 image (9959 x 9958 px) and its label are rendered once with urisc_jax.data.synthetic
@@ -8,11 +9,14 @@ A full-size U-RISC Track 1 image (9959 x 9958 px) and its label are rendered onc
 cutout (--augment paper, data/augment.py) or flips and right-angle rotations only (--augment dihedral).
 
   crops_per_s: augmented crops delivered per second, the median over --repeats runs of --batches batches each after
-    a warm-up batch (worker start-up not counted; min and max are reported beside it).
+    a warm-up batch (worker start-up not counted; min and max are reported beside it), with --threads threads
+    warping each crop (config.data.augment.threads), from --crop_images linked images (1: the same image's pages
+    stay mapped, see data/windows.py; 10: most crops touch pages the process has not mapped yet). cpu_ms_per_crop:
+    the CPU time of this process per crop (0 workers only), steadier than crops/s on a busy machine.
   peak_rss_mib: the largest peak resident set (VmHWM) of the process and of its worker processes, each image count
     in a fresh process (total_mib adds them up); the ten images are hard links of the one image under ten names, so
     the page cache holds one copy while every worker maps ten files, which is what would make a plain memory map
-    grow with the number of images.
+    grow with the number of images (data/windows.py holds each process under RESIDENT_BUDGET_BYTES, 256 MiB).
   step_crops_per_s: batch / median step time of `benchmarks.models --model unet_resnet50 --size 1024 --batch 1
     --bench train --repeats 2` run in the same sitting, and data_to_step_ratio: crops_per_s with 2 workers over it.
 The load average is printed with every line: on a shared machine compare medians from one sitting.
@@ -73,8 +77,8 @@ def linked_images(image: PreparedImage, count: int, cache: pathlib.Path) -> list
   return images
 
 
-def augment_config(name: str) -> augment.AugmentConfig:
-  return augment.AugmentConfig.paper() if name == "paper" else augment.AugmentConfig()
+def augment_config(name: str, *, threads: int = 1) -> augment.AugmentConfig:
+  return augment.AugmentConfig.paper(threads=threads) if name == "paper" else augment.AugmentConfig(threads=threads)
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -101,23 +105,27 @@ def _descendants(pid: int) -> list[int]:
   return found
 
 
-def crops_per_second(images, *, workers: int, args, before_closing=None) -> list[float]:
-  """Crops per second of each repeat: batches after the first, the first one warming up the workers."""
-  rates = []
+def crops_per_second(images, *, workers: int, args, threads: int = 1,
+                     before_closing=None) -> tuple[list[float], list[float]]:
+  """Crops per second and CPU ms per crop of each repeat: batches after the first, which warms up the workers."""
+  rates, cpu_ms = [], []
   for repeat in range(args.repeats):
-    examples = pipeline.CropExamples(images, crop_size=args.crop, seed=repeat, augment=augment_config(args.augment))
+    examples = pipeline.CropExamples(images, crop_size=args.crop, seed=repeat,
+                                     augment=augment_config(args.augment, threads=threads))
     dataset = pipeline.train_dataset(examples, num_steps=args.batches + 1, global_batch_size=args.batch_size)
     iterator = pipeline.iterator(dataset, num_workers=workers)
     next(iterator)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(args.batches):
       next(iterator)
-    rates.append(args.batches * args.batch_size / (time.perf_counter() - start))
+    crops = args.batches * args.batch_size
+    rates.append(crops / (time.perf_counter() - start))
+    cpu_ms.append((time.process_time() - cpu) / crops * 1e3)
     if before_closing is not None:
       before_closing()
     del iterator
     gc.collect()
-  return rates
+  return rates, cpu_ms
 
 
 def peak_rss(args) -> None:
@@ -156,11 +164,14 @@ def model_step_seconds(args) -> float | None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--bench", choices=["all", "rss"], default="all", help="rss: one peak-RSS measurement")
+  parser.add_argument("--bench", choices=["all", "crops", "rss"], default="all",
+                      help="crops: crops/s only; rss: one peak-RSS measurement")
   parser.add_argument("--cache", default="/tmp/urisc_jax_bench", help="where the rendered image is kept")
   parser.add_argument("--crop", type=int, default=1024)
   parser.add_argument("--augment", choices=["paper", "dihedral"], default="paper")
   parser.add_argument("--workers", default="0,2", help="comma-separated worker counts")
+  parser.add_argument("--threads", default="1", help="comma-separated warp thread counts (crops/s)")
+  parser.add_argument("--crop_images", type=int, default=1, help="linked images the crops/s are cut from")
   parser.add_argument("--batch_size", type=int, default=4)
   parser.add_argument("--batches", type=int, default=25, help="timed batches per repeat")
   parser.add_argument("--repeats", type=int, default=3)
@@ -176,13 +187,19 @@ def main() -> None:
 
   cache = pathlib.Path(args.cache)
   image = full_size_image(cache)
+  images = [image] if args.crop_images == 1 else linked_images(image, args.crop_images, cache)
   rates = {}
   for workers in (int(w) for w in args.workers.split(",")):
-    measured = crops_per_second([image], workers=workers, args=args)
-    rates[workers] = statistics.median(measured)
-    emit("crops_per_s", rates[workers], "crops/s", workers=workers, crop=args.crop, augment=args.augment,
-         image=f"{TRACK1_SHAPE[0]}x{TRACK1_SHAPE[1]}", batch_size=args.batch_size, batches=args.batches,
-         repeats=args.repeats, min=round(min(measured), 3), max=round(max(measured), 3), cpus=os.cpu_count())
+    for threads in (int(t) for t in args.threads.split(",")):
+      measured, cpu_ms = crops_per_second(images, workers=workers, threads=threads, args=args)
+      rates[workers] = max(rates.get(workers, 0.0), statistics.median(measured))
+      extra = {"cpu_ms_per_crop": round(statistics.median(cpu_ms), 2)} if workers == 0 else {}
+      emit("crops_per_s", statistics.median(measured), "crops/s", workers=workers, threads=threads, crop=args.crop,
+           augment=args.augment, image=f"{TRACK1_SHAPE[0]}x{TRACK1_SHAPE[1]}", images=len(images),
+           batch_size=args.batch_size, batches=args.batches, repeats=args.repeats, min=round(min(measured), 3),
+           max=round(max(measured), 3), cpus=os.cpu_count(), **extra)
+  if args.bench == "crops":
+    return
   for count in (1, args.images):
     command = [sys.executable, "-m", "benchmarks.data", "--bench", "rss", "--images", str(count), "--cache",
                args.cache, "--crop", str(args.crop), "--augment", args.augment, "--batch_size",

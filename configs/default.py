@@ -30,12 +30,31 @@ def get_config() -> ml_collections.ConfigDict:
   config.transfer.checkpoint = ""
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "synthetic"  # "synthetic" | "urisc" (a release folder at data.root)
+  # "synthetic" | "urisc" (a release folder at data.root) | "isbi" (ISBI 2012 stacks or slices at data.root) |
+  # "folders" (data.folders) | "tfds" (a TFDS builder, built from data.root); see urisc_jax/data/dataset.py.
+  config.data.source = "synthetic"
   config.data.root = ""  # "" = workdir/data for synthetic data
   config.data.track = "Track1"
+  # What each split reads: a folder of the release, a key of data.isbi / data.folders, or a TFDS split string
+  # ("train[:20]"); "" = no such split (no validation: threshold 0.5, or split.mode="images").
   config.data.train_split = "train"
   config.data.val_split = "val"
   config.data.test_split = "test"
+  # source="isbi": slices per split, "0-19" (ends included), "0,2,5-9", "" = none, "test:0-29" = the unlabelled
+  # test volume. ISBI 2012 released labels for its 30 training slices only, so the test split scores held-out ones.
+  config.data.isbi = ml_collections.ConfigDict()
+  config.data.isbi.train = "0-19"
+  config.data.isbi.val = ""
+  config.data.isbi.test = "20-29"
+  # source="folders": image and label folders per split, paired by file stem ("" labels = unlabelled).
+  config.data.folders = ml_collections.ConfigDict()
+  for split in ("train", "val", "test"):
+    config.data.folders[f"{split}_images"] = ""
+    config.data.folders[f"{split}_labels"] = ""
+  # source="tfds": "urisc/track1" | "urisc/track2" | "isbi2012"; data_dir "" = workdir/tfds.
+  config.data.tfds = ml_collections.ConfigDict()
+  config.data.tfds.name = "isbi2012"
+  config.data.tfds.data_dir = ""
   config.data.membrane = "black"  # label polarity: which gray value marks membrane
   config.data.label_threshold = ml_collections.config_dict.placeholder(int)  # e.g. 122 for Track 2 labels
   config.data.cache_dir = ""  # "" = workdir/cache
@@ -64,11 +83,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.augment.cutout_p = 0.2
   config.data.augment.cutout_area = (0.02, 0.1)
   config.data.augment.cutout_blob = 0.125
-  # "folders": train on the release's train split (validation = its val split, whole images, no leakage).
+  config.data.augment.threads = 1  # threads warping each crop (same crops): 2-4 with num_workers=0 and idle cores
+  # "folders": train on the train split (validation = the val split, whole images, no leakage).
+  # "images": for data without a validation split (its val split must name nothing): hold out val_fraction of the
+  # training images, chosen by split.seed, as validation images.
   # "patch": the paper's split of the training images' overlapping crop_size grid (stride 0 = crop_size / 2) into
   # disjoint train and validation patches (num_* = 0: all / val_fraction); e.g. 1024 px, stride 190, 50000 / 20000.
   config.data.split = ml_collections.ConfigDict()
   config.data.split.mode = "folders"
+  config.data.split.seed = 0  # mode "images"
   config.data.split.stride = 0
   config.data.split.num_train = 0
   config.data.split.num_val = 0

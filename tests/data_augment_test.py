@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from urisc_jax.data import augment, pipeline
@@ -225,3 +226,35 @@ def test_dihedral_map_folds_flips_and_rotations_into_the_warp():
         np.testing.assert_array_equal(augment.warp(window, augment.dihedral_map(plain).astype(float), (19.5, 19.5),
                                                    24, order=1),
                                       augment.dihedral(window[8:32, 8:32], plain))
+
+
+def test_banded_and_threaded_warps_equal_one_warp_of_the_whole_crop():
+  """Bands of rows, warped one after another or in threads, give the same crop, here the one a single Pillow call
+  gives (each band restarts Pillow's coordinates, so in general only up to float rounding at exact ties)."""
+  window = np.random.default_rng(4).integers(0, 256, (900, 900), dtype=np.uint8)
+  label = (window < 60).astype(np.uint8)
+  linear = augment.linear_map(augment.AugmentParams(angle=31.0, zoom=1.1, crop_fraction=(0.9, 0.8)))
+  size = 600  # bands of 256, 256 and 88 rows
+  c = (size - 1) / 2
+  shift = np.array([449.5, 449.0]) - linear @ np.array([c, c]) + 0.5 - linear @ np.array([0.5, 0.5])
+  data = (linear[1, 1], linear[1, 0], shift[1], linear[0, 1], linear[0, 0], shift[0])
+  whole = np.asarray(Image.fromarray(window).transform((size, size), Image.Transform.AFFINE, data,
+                                                       resample=Image.Resampling.BILINEAR))
+  single = augment.warp_windows([window, label], linear, (449.5, 449.0), size, threads=1)
+  threaded = augment.warp_windows([Image.fromarray(window), label], linear, (449.5, 449.0), size, threads=3)
+  np.testing.assert_array_equal(single[0], whole)
+  for a, b in zip(single, threaded):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(single[1], augment.warp(label, linear, (449.5, 449.0), size, order=0))
+
+
+def test_warp_threads_do_not_change_the_examples(tmp_path):
+  prepared = _prepared(tmp_path, _two_level_image((400, 380)))
+  one, three = (pipeline.CropExamples(prepared, crop_size=300, seed=2, augment=augment.AugmentConfig.paper(threads=t))
+                for t in (1, 3))
+  for i in range(6):
+    a, b = one(i), three(i)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  with pytest.raises(ValueError, match="threads=0 must be a whole number"):
+    augment.AugmentConfig(threads=0)

@@ -1,4 +1,5 @@
-"""The decode-once cache: content-keyed entries, no re-decode or re-hash on a re-run, atomic writes, TIFF stacks."""
+"""The decode-once cache: content-keyed entries, no re-decode or re-hash on a re-run, atomic writes, TIFF stacks, and
+the ground truth the official scorer sees."""
 
 import os
 
@@ -8,6 +9,7 @@ import tifffile
 from PIL import Image
 
 from urisc_jax.data import prepare, sources
+from urisc_jax.evaluation import f1 as official
 
 
 def _label(shape):
@@ -191,3 +193,39 @@ def test_stack_errors_name_the_file_and_the_fix(tmp_path):
   tifffile.imwrite(tmp_path / "train-labels.tif", inverted)
   with pytest.raises(sources.DataError, match=r"page 0.*membrane='white'"):
     sources.load_stack_slice(sources.isbi_stack_pairs(tmp_path)[0])
+
+
+def test_official_label_is_what_the_official_scorer_reads_from_the_label_file(tmp_path):
+  pair, _ = _pair(tmp_path)
+  [prepared] = prepare.prepare_pairs([pair], tmp_path / "cache", progress=False)
+  truth = official.read_gray8(pair.label_path)  # the scorer's own reader
+  np.testing.assert_array_equal(prepared.official_label(), truth)
+  assert prepared.official_label().dtype == np.uint8
+  # A label in the other polarity, or one binarized at a threshold, comes back in the official polarity.
+  Image.fromarray(255 - _label((24, 32))).save(tmp_path / "white.tiff")
+  white = sources.ImagePair("white", pair.image_path, tmp_path / "white.tiff")
+  [prepared] = prepare.prepare_pairs([white], tmp_path / "cache", membrane="white", progress=False)
+  np.testing.assert_array_equal(prepared.official_label(), truth)
+  soft = _label((24, 32)).astype(np.int32)
+  soft[1] = 100  # interpolated gray levels, as in U-RISC Track 2 labels
+  soft[2] = 140
+  Image.fromarray(soft.astype(np.uint8)).save(tmp_path / "soft.tiff")
+  [prepared] = prepare.prepare_pairs([sources.ImagePair("soft", pair.image_path, tmp_path / "soft.tiff")],
+                                     tmp_path / "cache", threshold=122, progress=False)
+  np.testing.assert_array_equal(prepared.official_label(), np.where(soft <= 122, 0, 255))
+
+
+def test_official_label_of_stack_slices(tmp_path):
+  _, labels = _stack(tmp_path)
+  prepared = prepare.prepare_pairs(sources.isbi_stack_pairs(tmp_path), tmp_path / "cache", progress=False)
+  for page, item in enumerate(prepared):
+    np.testing.assert_array_equal(item.official_label(), labels[page])
+  with pytest.raises(ValueError, match="has no label"):
+    prepare.prepare_pairs(sources.isbi_stack_pairs(tmp_path, split="test"), tmp_path / "cache",
+                          progress=False)[0].official_label()
+
+
+def test_official_label_equals_the_real_isbi_label_files(shared_dir, tmp_path):
+  pairs = sources.isbi_pairs(shared_dir / "data" / "isbi2012")[::10]
+  for item, pair in zip(prepare.prepare_pairs(pairs, tmp_path / "cache", progress=False), pairs):
+    np.testing.assert_array_equal(item.official_label(), official.read_gray8(pair.label_path))

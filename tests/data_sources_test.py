@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from urisc_jax.data import imageio
@@ -232,3 +233,79 @@ def test_image_files_lists_a_file_or_a_folder(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(sources.DataError, match="no images"):
     sources.image_files(tmp_path / "empty")
+
+
+def _isbi_volume(depth=5, shape=(24, 28), seed=0):
+  """A small ISBI-like volume and its labels (black membranes on white, each slice different)."""
+  rng = np.random.default_rng(seed)
+  volume = rng.integers(0, 256, (depth, *shape), dtype=np.uint8)
+  labels = np.stack([np.roll(_label(shape), k, axis=1) for k in range(depth)])
+  return volume, labels
+
+
+def _write_isbi_stacks(root, volume, labels, test_depth=2):
+  root.mkdir(parents=True, exist_ok=True)
+  tifffile.imwrite(root / "train-volume.tif", volume)
+  tifffile.imwrite(root / "train-labels.tif", labels)
+  tifffile.imwrite(root / "test-volume.tif", volume[:test_depth])
+  return root
+
+
+def _write_isbi_slices(root, volume, labels, test_depth=2):
+  for k, (image, label) in enumerate(zip(volume, labels)):
+    _gray(root / "train" / "images" / f"{k:02d}.png", image)
+    _gray(root / "train" / "labels" / f"{k:02d}.png", label)
+  for k in range(test_depth):
+    _gray(root / "test" / "images" / f"{k:02d}.png", volume[k])
+  return root
+
+
+def test_isbi_slices_read_stacks_and_slice_folders_alike(tmp_path):
+  volume, labels = _isbi_volume()
+  stacks = _write_isbi_stacks(tmp_path / "stacks", volume, labels)
+  slices = _write_isbi_slices(tmp_path / "slices", volume, labels)
+  for root in (stacks, slices):
+    chosen = sources.isbi_slices(root, [3, 0, 1])
+    assert [p.name for p in chosen] == ["03", "00", "01"]
+    for pair, k in zip(chosen, (3, 0, 1)):
+      load = sources.load_stack_slice if isinstance(pair, sources.StackSlice) else sources.load_pair
+      image, mask = load(pair)
+      np.testing.assert_array_equal(image, volume[k])
+      np.testing.assert_array_equal(mask, labels[k] == 0)
+    test = sources.isbi_slices(root, [1], volume="test")
+    assert [p.name for p in test] == ["01"] and test[0].label_path is None
+    assert sources.isbi_slices(root, []) == []
+    with pytest.raises(ValueError, match=r"config.data.isbi.test names slice 5, but the train volume .* holds 5 "
+                                         r"slices \(0-4\)"):
+      sources.isbi_slices(root, [2, 3, 4, 5], key="config.data.isbi.test")
+  assert isinstance(sources.isbi_slices(stacks, [0])[0], sources.StackSlice)
+  with pytest.raises(sources.MissingDataError, match="holds neither train-volume.tif nor train/images"):
+    sources.isbi_slices(tmp_path, [0])
+  with pytest.raises(sources.MissingDataError, match="does not exist"):
+    sources.isbi_slices(tmp_path / "absent", [0])
+
+
+@pytest.mark.parametrize("layout", ["shaped", "pages", "imagej"])
+def test_one_page_of_a_stack_equals_the_whole_stack_read(tmp_path, layout):
+  volume, _ = _isbi_volume(depth=4)
+  path = tmp_path / "volume.tif"
+  if layout == "pages":
+    with tifffile.TiffWriter(path) as writer:
+      for page in volume:
+        writer.write(page, contiguous=False)
+  else:
+    tifffile.imwrite(path, volume, imagej=layout == "imagej")
+  for page in range(4):
+    np.testing.assert_array_equal(sources.read_stack_page(path, page), sources.read_stack(path)[page])
+  with pytest.raises(sources.DataError, match=r"holds 4 slices \(0-3\); slice 4 does not exist"):
+    sources.read_stack_page(path, 4)
+
+
+def test_isbi_slices_on_real_data(shared_dir):
+  root = shared_dir / "data" / "isbi2012"
+  chosen = sources.isbi_slices(root, range(20, 30))
+  assert [p.name for p in chosen] == [f"{k}" for k in range(20, 30)]
+  assert all(p.label_path == root / "train" / "labels" / f"{p.name}.png" for p in chosen)
+  assert len(sources.isbi_slices(root, range(30), volume="test")) == 30
+  with pytest.raises(ValueError, match="holds 30 slices"):
+    sources.isbi_slices(root, range(25, 31))

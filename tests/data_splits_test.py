@@ -67,3 +67,24 @@ def test_patch_split_from_config():
   config.mode = "pixels"
   with pytest.raises(ValueError, match="split.mode"):
     splits.patch_split(config, [(96, 96)], crop_size=32, seed=3)
+
+
+def test_holdout_images_is_disjoint_complete_ordered_and_seeded():
+  names = [f"{k:02d}" for k in range(20)]
+  train, val = splits.holdout_images(names, seed=0, val_fraction=0.25)
+  assert len(val) == 5 and len(train) == 15
+  assert not set(train) & set(val) and sorted(train + val) == names
+  assert train == sorted(train) and val == sorted(val)  # the order of the input is kept
+  assert splits.holdout_images(names, seed=0, val_fraction=0.25) == (train, val)
+  assert splits.holdout_images(names, seed=1, val_fraction=0.25)[1] != val
+  assert len(splits.holdout_images(names[:3], seed=0, val_fraction=0.01)[1]) == 1  # at least one
+  for bad in (0.0, 1.0):
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+      splits.holdout_images(names, seed=0, val_fraction=bad)
+  with pytest.raises(ValueError, match="at least 2 training images"):
+    splits.holdout_images(names[:1], seed=0, val_fraction=0.5)
+
+
+def test_images_mode_makes_no_patches():
+  config = ml_collections.ConfigDict(dict(mode="images", stride=0, num_train=0, num_val=0, val_fraction=0.25))
+  assert splits.patch_split(config, [(96, 96)], crop_size=32, seed=3) is None

@@ -5,8 +5,8 @@ Example `i` of a run is a pure function of (seed, i): its image, origin and augm
 same whatever the number of hosts or workers, and the Grain iterator state (saved with each checkpoint) resumes at
 the exact next batch.
 
-Crops are cut from the decode-once cache (`prepare`) through `windows.NpyWindows`, which keeps a worker's memory at
-about one window whatever the number of images. Random crops draw an image with probability proportional to its area
+Crops are cut from the decode-once cache (`prepare`) through `windows.NpyWindows`, which keeps a worker's memory
+under a fixed budget whatever the number of images. Random crops draw an image with probability proportional to its area
 and a uniform origin; with `patches` (the paper's patch-level split, see `splits`) examples walk the given grid
 patches in a fresh seeded order every epoch, each patch then augmented.
 """
@@ -102,7 +102,7 @@ class CropExamples:
     params = augmentations.sample(rng, self._augment, self.crop_size)
     position = rng.random(2)  # drawn for patches too, so both modes consume the same draws
     image, label = self._crop(which, origin, position, params)
-    image = augmentations.adjust_intensity(np.ascontiguousarray(image), params)
+    image = augmentations.adjust_intensity(image, params)
     image = augmentations.apply_cutout(image, params, self._augment.cutout_blob)
     return {"image": np.ascontiguousarray(image)[..., None], "label": np.ascontiguousarray(label)[..., None]}
 
@@ -132,8 +132,10 @@ class CropExamples:
     local = (center[0] - top, center[1] - left)
     # Flips and right-angle rotations ride along in the warp (the source box is the same: it is symmetric).
     linear = linear @ augmentations.dihedral_map(params)
-    image = augmentations.warp(image_reader.read(top, left, height, width), linear, local, size, order=1)
-    label = augmentations.warp(label_reader.read(top, left, height, width), linear, local, size, order=0)
+    # The warp reads the mapped cache files in place: no copy of the (up to 2 x crop size) source windows.
+    image, label = augmentations.warp_windows(
+        [image_reader.pil_window(top, left, height, width), label_reader.pil_window(top, left, height, width)],
+        linear, local, size, orders=(1, 0), threads=self._augment.threads)
     return image, label
 
 

@@ -73,6 +73,16 @@ class PreparedImage:
       raise ValueError(f"Image {self.source_image} has no label.")
     return np.load(self.label_path, mmap_mode="r")
 
+  def official_label(self) -> np.ndarray:
+    """uint8 [H, W] ground truth as the official scorer reads it: black (0) = membrane, white (255) = background.
+
+    Works for every source (label files, slices of TIFF stacks, TFDS records). For a binary label file in the
+    official polarity (U-RISC Track 1, ISBI 2012) this is the file's content byte for byte: decoding such a label
+    refuses any gray level but 0 and 255, so the mask holds all of it, and rebuilding skips re-reading a 100 MB TIFF.
+    A label decoded with another polarity or a threshold (Track 2) comes back binarized in the official polarity.
+    """
+    return np.where(np.asarray(self.label()) != 0, np.uint8(0), np.uint8(255))
+
 
 def _hash_file(path: pathlib.Path) -> str:
   digest = hashlib.sha256()

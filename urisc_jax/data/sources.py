@@ -14,6 +14,7 @@ label whose "membrane" class covers most of the image, the usual sign of an inve
 import dataclasses
 import pathlib
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -320,6 +321,25 @@ def read_stack(path) -> np.ndarray:
   return np.ascontiguousarray(np.concatenate([p.reshape(-1, height, width) for p in pages])[:depth])
 
 
+def read_stack_page(path, page: int) -> np.ndarray:
+  """Reads slice `page` of a TIFF stack of 8-bit gray slices as uint8 [H, W], decoding only that page when the
+  slices are stored one per page (the usual layout)."""
+  with _open_stack(path) as tif:
+    (depth, height, width), series = _stack_layout(tif, path)
+    if not 0 <= page < depth:
+      raise DataError(f"{path} holds {depth} slices (0-{depth - 1}); slice {page} does not exist.")
+    try:
+      if len(tif.pages) == depth:
+        array = tif.pages[page].asarray()
+        if array.shape == (height, width) and array.dtype == np.uint8:
+          return array
+      stack = [s.asarray() for s in series]
+    except Exception as e:  # tifffile raises many types for corrupt data  # pylint: disable=broad-except
+      raise DataError(f"cannot read the pixels of {path}: {e}. The file is corrupt or truncated; replace it with an "
+                      "intact copy.") from None
+  return np.ascontiguousarray(np.concatenate([p.reshape(-1, height, width) for p in stack])[page])
+
+
 def load_stack_slice(pair: StackSlice, *, membrane: str = "black", threshold: int | None = None,
                      max_membrane_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray | None]:
   """Reads page `pair.page` of an image stack and of its label stack, like `load_pair` does for files.
@@ -327,13 +347,52 @@ def load_stack_slice(pair: StackSlice, *, membrane: str = "black", threshold: in
   Returns:
     image: uint8 [H, W]; membrane: bool [H, W] (True on membrane), or None if the pair has no label.
   """
-  image = read_stack(pair.image_path)[pair.page]
+  image = read_stack_page(pair.image_path, pair.page)
   if pair.label_path is None:
     return image, None
-  gray = read_stack(pair.label_path)[pair.page]
+  gray = read_stack_page(pair.label_path, pair.page)
   mask = _membrane_mask(gray, f"{pair.label_path} (page {pair.page})", membrane=membrane, threshold=threshold,
                         max_membrane_fraction=max_membrane_fraction)
   return image, mask
+
+
+def isbi_slices(root, indices: Sequence[int], *, volume: str = "train",
+                key: str = "slices") -> list[ImagePair | StackSlice]:
+  """Slices of ISBI 2012 by index, from the TIFF stacks or the per-slice files in `root`.
+
+  Slice k is page k of train-volume.tif (with train-labels.tif) when `root` holds the stacks, else the k-th file of
+  train/images (with train/labels) in name order; volume "test" reads test-volume.tif or test/images, which have no
+  labels. Both layouts name slice k "00", "01", ... alike.
+
+  Args:
+    root: the folder holding the stacks or the train/ and test/ folders.
+    indices: the slices, in the order wanted.
+    volume: "train" (labelled) or "test".
+    key: the config key that selected the slices, named in errors.
+
+  Returns:
+    One pair (`ImagePair` or `StackSlice`) per index.
+  """
+  if volume not in ISBI_STACKS:
+    raise ValueError(f"volume must be one of {sorted(ISBI_STACKS)}, got {volume!r}")
+  if not indices:
+    return []
+  root = pathlib.Path(root)
+  if (root / ISBI_STACKS[volume][0]).is_file():
+    available = isbi_stack_pairs(root, split=volume)
+  elif (root / volume / "images").is_dir():
+    available = isbi_pairs(root, split=volume)
+  elif not root.is_dir():
+    raise MissingDataError(f"ISBI 2012 folder {root} does not exist; point config.data.root at the folder that "
+                           f"holds {ISBI_STACKS['train'][0]} or train/images.")
+  else:
+    raise MissingDataError(f"{root} holds neither {ISBI_STACKS[volume][0]} nor {volume}/images (needed by {key}). "
+                           f"Found in {root}: {_listing(root)}.")
+  beyond = [i for i in indices if not 0 <= i < len(available)]
+  if beyond:
+    raise ValueError(f"{key} names slice {max(beyond)}, but the {volume} volume in {root} holds {len(available)} "
+                     f"slices (0-{len(available) - 1}).")
+  return [available[i] for i in indices]
 
 
 def _open_stack(path):

@@ -1,21 +1,23 @@
 """Train / validation splits, derived from one seed: by image (no leakage) or the paper's split of grid patches.
 
-By image: whole images go to one side, so no validation pixel was ever seen in training; use it when a dataset has
-no validation folder (ISBI 2012: 30 training slices). By patch, as the U-RISC paper did (1024 x 1024 patches cut with
-overlap, 50,000 for training and 20,000 for validation): the overlapping grid of every training image is split into
-disjoint sets of patches. Patches are distinct, but overlapping neighbours share pixels, so a patch-level validation
+By image (`config.data.split.mode = "images"`): whole images go to one side, so no validation pixel was ever seen in
+training; use it when a dataset has no validation split (ISBI 2012: 30 training slices). By patch, as the U-RISC
+paper did (1024 x 1024 patches cut with overlap, 50,000 for training and 20,000 for validation): the overlapping grid
+of every training image is split into disjoint sets of patches. Patches are distinct, but overlapping neighbours share pixels, so a patch-level validation
 score is optimistic; the by-image split is the one to report.
 """
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from urisc_jax.data import crops
 
-MODES = ("folders", "patch")
+MODES = ("folders", "patch", "images")
 _IMAGE_SPLIT_KEY = 11
 _PATCH_SPLIT_KEY = 12
+T = TypeVar("T")
 
 
 def split_images(num_images: int, *, seed: int, num_val: int | None = None,
@@ -42,6 +44,27 @@ def split_images(num_images: int, *, seed: int, num_val: int | None = None,
                      "number of validation images.")
   order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_IMAGE_SPLIT_KEY,))).permutation(num_images)
   return np.sort(order[num_val:]), np.sort(order[:num_val])
+
+
+def holdout_images(images: Sequence[T], *, seed: int, val_fraction: float) -> tuple[list[T], list[T]]:
+  """Holds out a seeded share of `images` for validation (`split_images` on their positions).
+
+  Args:
+    images: the training split, in a fixed order (the order decides which images a seed picks).
+    seed: config.data.split.seed.
+    val_fraction: share held out, in (0, 1): round(val_fraction * N), at least one.
+
+  Returns:
+    (train, val): disjoint lists, each in the order of `images`, together holding every image once.
+  """
+  if not 0 < val_fraction < 1:
+    raise ValueError(f"config.data.split.val_fraction must be in (0, 1) to hold out validation images, got "
+                     f"{val_fraction}.")
+  if len(images) < 2:
+    raise ValueError(f"Holding out validation images needs at least 2 training images, got {len(images)}: add "
+                     "training images or name a validation split (config.data.split.mode='folders').")
+  train, val = split_images(len(images), seed=seed, val_fraction=val_fraction)
+  return [images[i] for i in train], [images[i] for i in val]
 
 
 def grid_patches(shapes: Sequence[tuple[int, int]], *, patch_size: int, stride: int) -> np.ndarray:
@@ -96,7 +119,7 @@ def split_patches(patches: np.ndarray, *, seed: int, val_fraction: float, num_tr
 
 def patch_split(split_config, shapes: Sequence[tuple[int, int]], *, crop_size: int,
                 seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-  """(train, val) patches as `config.data.split` asks for, or None when the split is by folder.
+  """(train, val) patches as `config.data.split` asks for, or None when the split is by folder or by image.
 
   Args:
     split_config: config.data.split (mode, stride, num_train, num_val, val_fraction).
@@ -107,7 +130,7 @@ def patch_split(split_config, shapes: Sequence[tuple[int, int]], *, crop_size: i
   mode = split_config.mode
   if mode not in MODES:
     raise ValueError(f"Unknown config.data.split.mode {mode!r}: choose one of {MODES}.")
-  if mode == "folders":
+  if mode in ("folders", "images"):
     return None
   stride = split_config.stride or max(1, crop_size // 2)
   patches = grid_patches(shapes, patch_size=crop_size, stride=stride)

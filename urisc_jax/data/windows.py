@@ -3,21 +3,34 @@
 With `np.load(mmap_mode="r")` every page a crop touches stays mapped into the process, and the kernel maps up to
 64 KB around each fault: whole rows of a 9958-pixel-wide image. After a few hundred random crops every image is
 resident, so ten U-RISC images with their labels count 2 GB in each worker's RSS. `NpyWindows` copies a window out
-of the mapping and then drops the pages it touched (madvise MADV_DONTNEED): they stay in the kernel's page cache,
-shared by all processes, but leave this one, so its memory stays at about one window whatever the number and size
-of the images.
+of the mapping and keeps count of the rows its reads have mapped, in all readers of the process together; once they
+exceed `RESIDENT_BUDGET_BYTES` it drops every mapped page (madvise MADV_DONTNEED). The pages stay in the kernel's
+page cache, shared by all processes, but leave this one, so its memory stays under the budget whatever the number
+and size of the images.
+
+Dropping after every read would hold memory at one window, but costs more than the copy itself: each 1024 x 1024
+crop of a U-RISC image maps ~14 MB of whole rows that must be unmapped and faulted in again, which made reading
+2-3 x slower. Within the budget, windows that overlap earlier ones (one image crop after crop) find their pages
+still mapped.
 """
 
 import mmap
 import os
 import pathlib
+import weakref
 
 import numpy as np
+from PIL import Image
 
 from urisc_jax.data.imageio import DataError
 
 _PAGE = mmap.PAGESIZE
 _CAN_DROP = hasattr(mmap, "MADV_DONTNEED")
+# Bytes of whole rows that the readers of one process may keep mapped before all of them are dropped.
+RESIDENT_BUDGET_BYTES = 256 << 20
+_FAULT_AROUND_BYTES = 64 << 10  # Linux maps up to this much around a faulting page of a file
+_open_readers: "weakref.WeakSet[NpyWindows]" = weakref.WeakSet()
+_mapped_bytes = 0  # rows marked in the readers' `_mapped_rows`, in bytes
 
 
 class NpyWindows:
@@ -29,6 +42,7 @@ class NpyWindows:
     self._map = None
     self._array = None
     self._offset = 0
+    self._mapped_rows = None  # bool [rows]: rows a read may have mapped since the last drop
 
   def __getstate__(self):
     return {"path": self.path}
@@ -66,6 +80,8 @@ class NpyWindows:
       self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
       self._offset = offset
       self._array = np.frombuffer(self._map, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
+      self._mapped_rows = np.zeros(shape[0], bool)
+      _open_readers.add(self)
     return self._array
 
   def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
@@ -80,33 +96,77 @@ class NpyWindows:
     rows, cols = array.shape
     if 0 <= top and top + height <= rows and 0 <= left and left + width <= cols:
       window = np.array(array[top:top + height, left:left + width])
-      self._drop(top, top + height)
+      self._note_mapped(top, top + height)
       return window
     row_index = _mirror(np.arange(top, top + height), rows)
     col_index = _mirror(np.arange(left, left + width), cols)
     window = array[row_index[:, None], col_index[None, :]]
-    self._drop(int(row_index.min()), int(row_index.max()) + 1)
+    self._note_mapped(int(row_index.min()), int(row_index.max()) + 1)
     return window
 
-  def _drop(self, row_start: int, row_stop: int) -> None:
-    """Unmaps the pages holding rows [row_start, row_stop) from this process (they stay in the page cache)."""
-    if not _CAN_DROP:
-      return
+  def pil_window(self, top: int, left: int, height: int, width: int) -> Image.Image:
+    """The window of a uint8 array as a Pillow "L" image, for warping.
+
+    Inside the array, the image reads the mapped file in place (no copy); a window reaching past the border is a
+    mirrored copy, as from `read`.
+    """
+    array = self._open()
+    if array.dtype != np.uint8:
+      raise DataError(f"{self.path} holds {array.dtype} pixels; windows as images need uint8.")
+    rows, cols = array.shape
+    start = self._offset + top * cols + left
+    if (0 <= top and top + height <= rows and 0 <= left and left + width <= cols
+        and start + height * cols <= len(self._map)):  # Pillow wants whole rows of stride after the start
+      image = Image.frombuffer("L", (width, height), memoryview(self._map)[start:], "raw", "L", cols, 1)
+      self._note_mapped(top, top + height)
+      return image
+    return Image.fromarray(self.read(top, left, height, width))
+
+  def _note_mapped(self, row_start: int, row_stop: int) -> None:
+    """Counts rows [row_start, row_stop) as mapped; past the process's budget, unmaps every reader's pages."""
+    global _mapped_bytes
     row_bytes = self._array.shape[1] * self._array.itemsize
-    start = self._offset + row_start * row_bytes
-    stop = min(self._offset + row_stop * row_bytes, len(self._map))
-    aligned = start - start % _PAGE
-    if stop > aligned:
-      self._map.madvise(mmap.MADV_DONTNEED, aligned, stop - aligned)
+    margin = -(-_FAULT_AROUND_BYTES // row_bytes)  # rows the kernel may map around the ones read
+    row_start, row_stop = max(0, row_start - margin), min(len(self._mapped_rows), row_stop + margin)
+    fresh = row_stop - row_start - int(np.count_nonzero(self._mapped_rows[row_start:row_stop]))
+    if not fresh:
+      return
+    self._mapped_rows[row_start:row_stop] = True
+    _mapped_bytes += fresh * row_bytes
+    if _mapped_bytes > RESIDENT_BUDGET_BYTES:
+      drop_all()
+
+  def _unmap(self) -> None:
+    """Unmaps all pages of this reader from the process (they stay in the page cache)."""
+    if self._map is not None and _CAN_DROP:
+      self._map.madvise(mmap.MADV_DONTNEED)
+    if self._mapped_rows is not None:
+      self._mapped_rows[:] = False
 
   def close(self) -> None:
+    global _mapped_bytes
+    if self._mapped_rows is not None:
+      _mapped_bytes -= int(np.count_nonzero(self._mapped_rows)) * self._array.shape[1] * self._array.itemsize
+      self._mapped_rows = None
+    _open_readers.discard(self)
     self._array = None
     if self._map is not None:
-      self._map.close()
+      try:
+        self._map.close()
+      except BufferError:
+        pass  # a Pillow window still reads it; the mapping closes when that image is freed
       self._map = None
     if self._file is not None:
       self._file.close()
       self._file = None
+
+
+def drop_all() -> None:
+  """Unmaps the pages every reader of this process has mapped (they stay in the page cache)."""
+  global _mapped_bytes
+  for reader in list(_open_readers):
+    reader._unmap()  # pylint: disable=protected-access
+  _mapped_bytes = 0
 
 
 def _mirror(index: np.ndarray, length: int) -> np.ndarray:
