@@ -94,8 +94,20 @@ def main(argv):
     _record_run(config, workdir)
   result = run(config, workdir, _MODE.value)
   if jax.process_index() == 0 and isinstance(result, dict):
-    summary = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
-    print(json.dumps(summary, indent=2, sort_keys=True, default=float))
+    print(json.dumps(_headline(result), indent=2, sort_keys=True, default=float))
+
+
+def _headline(result: dict) -> dict:
+  """The scalars of a result and of its sub-dicts (one level, e.g. "two_class"), without per-image lists."""
+  headline = {}
+  for key, value in result.items():
+    if isinstance(value, dict):
+      scalars = {k: v for k, v in value.items() if not isinstance(v, (list, dict))}
+      if scalars:
+        headline[key] = scalars
+    elif not isinstance(value, list):
+      headline[key] = value
+  return headline
 
 
 def _multi_host_requested() -> bool:

@@ -278,6 +278,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
       "f1": test["f1"], "f1_sem": test["f1_sem"], "precision": test["precision"], "recall": test["recall"],
       "baseline_f1": baseline["f1"], "baseline_f1_sem": baseline["f1_sem"], "baseline": baseline,
       "threshold": chosen["threshold"], "val_f1": chosen["val_f1"], "gt_mode": config.eval.gt_mode,
+      # Submissions the official scorer refused (scored 0), e.g. ISBI-like membrane fractions; see two_class.
+      "rejected_by_official_scorer": sum("rejected" in row for row in test["per_image"]),
       "per_image": test["per_image"], "two_class": test.get("two_class"), "step": step, "train": train_summary,
       "num_images": {name: len(images) for name, images in splits.items()},
       "wall_seconds": time.perf_counter() - started,
