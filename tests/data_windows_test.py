@@ -92,13 +92,15 @@ def test_bad_files_give_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("box", [(0, 0, 7, 9), (2, 3, 3, 4), (4, 5, 3, 4), (-3, -2, 10, 12), (5, 7, 9, 9)])
-def test_pillow_windows_equal_copied_windows(tmp_path, box):
-  """In place inside the array (also in its last rows, where Pillow's stride check needs care), copied outside."""
+def test_views_equal_copied_windows_and_copy_nothing_inside_the_array(tmp_path, box):
+  """In place inside the array (also in its last rows), a mirrored copy where the box reaches past the border."""
   array = np.random.default_rng(1).integers(0, 256, (7, 9), dtype=np.uint8)
   np.save(tmp_path / "a.npy", array)
   reader = windows.NpyWindows(tmp_path / "a.npy")
-  image = reader.pil_window(*box)
-  assert image.mode == "L" and image.size == (box[3], box[2])
-  np.testing.assert_array_equal(np.asarray(image), reader.read(*box))
-  del image
+  view = reader.view(*box)
+  np.testing.assert_array_equal(view, reader.read(*box))
+  top, left, height, width = box
+  inside = top >= 0 and left >= 0 and top + height <= 7 and left + width <= 9
+  assert view.flags.owndata != inside and not (inside and view.flags.writeable)
+  del view
   reader.close()

@@ -134,7 +134,7 @@ class CropExamples:
     linear = linear @ augmentations.dihedral_map(params)
     # The warp reads the mapped cache files in place: no copy of the (up to 2 x crop size) source windows.
     image, label = augmentations.warp_windows(
-        [image_reader.pil_window(top, left, height, width), label_reader.pil_window(top, left, height, width)],
+        [image_reader.view(top, left, height, width), label_reader.view(top, left, height, width)],
         linear, local, size, orders=(1, 0), threads=self._augment.threads)
     return image, label
 

@@ -20,7 +20,6 @@ import pathlib
 import weakref
 
 import numpy as np
-from PIL import Image
 
 from urisc_jax.data.imageio import DataError
 
@@ -104,23 +103,20 @@ class NpyWindows:
     self._note_mapped(int(row_index.min()), int(row_index.max()) + 1)
     return window
 
-  def pil_window(self, top: int, left: int, height: int, width: int) -> Image.Image:
-    """The window of a uint8 array as a Pillow "L" image, for warping.
+  def view(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """The window as a read-only view of the mapped file (no copy) inside the array, else a mirrored copy (`read`).
 
-    Inside the array, the image reads the mapped file in place (no copy); a window reaching past the border is a
-    mirrored copy, as from `read`.
+    The view's rows are strided by the image width; OpenCV reads such views in place (the warps).
+
+    Returns:
+      [height, width] array of the file's dtype.
     """
     array = self._open()
-    if array.dtype != np.uint8:
-      raise DataError(f"{self.path} holds {array.dtype} pixels; windows as images need uint8.")
     rows, cols = array.shape
-    start = self._offset + top * cols + left
-    if (0 <= top and top + height <= rows and 0 <= left and left + width <= cols
-        and start + height * cols <= len(self._map)):  # Pillow wants whole rows of stride after the start
-      image = Image.frombuffer("L", (width, height), memoryview(self._map)[start:], "raw", "L", cols, 1)
+    if 0 <= top and top + height <= rows and 0 <= left and left + width <= cols:
       self._note_mapped(top, top + height)
-      return image
-    return Image.fromarray(self.read(top, left, height, width))
+      return array[top:top + height, left:left + width]
+    return self.read(top, left, height, width)
 
   def _note_mapped(self, row_start: int, row_stop: int) -> None:
     """Counts rows [row_start, row_stop) as mapped; past the process's budget, unmaps every reader's pages."""
