@@ -4,6 +4,9 @@
   python -m benchmarks.predict --quick          # small images: about 2.5 minutes on 2 busy CPU cores
   python -m benchmarks.predict --parts=rate --repeats=3 --peer-command="PEER_PYTHON smp_bench.py window ..."
   python -m benchmarks.predict --parts=quality  # halo mode vs step 0.5 on a briefly trained narrow U-Net
+  python -m benchmarks.predict --parts=tta      # compile and run time of 1, 2, 4, 8 test-time views: about 1 minute
+  # halo mode vs step 0.5 for the default config's model and tile (LinkNet-ResNet18 at width 1/2, 512 px):
+  python -m benchmarks.predict --parts=quality --quality-model=linknet --quality-width=0.5 --tile=512 --train-steps=400
 
 Parts (one JSON object per line on stdout, progress on stderr):
   rate     U-Net-ResNet50 (random weights: speed does not depend on them) predicts a random --height x --width
@@ -18,10 +21,15 @@ Parts (one JSON object per line on stdout, progress on stderr):
            or `disk` (a .npy image memory-mapped in, logits memory-mapped out); model `narrow` (U-Net-ResNet18 at
            width 1/8: a stand-in whose buffers, not weights, are measured) or `normalize_only` (no network: the
            tiling's own buffers, for runs whose network time would not fit the budget).
-  quality  Trains a narrow U-Net for --train-steps on synthetic U-RISC-like crops, measures how far tile borders
-           reach into its logits (`inference.border_error_profile`), and compares halo-mode predictions of a
-           held-out synthetic image with the step-0.5 Gaussian result: official F1 against the labels, agreement of
-           the thresholded maps, largest probability difference, and speed-up.
+  quality  Trains a narrow ResNet18 U-Net (or LinkNet: --quality-model) for --train-steps on synthetic U-RISC-like
+           crops, measures how far tile borders reach into its logits on --tile tiles
+           (`inference.border_error_profile`), and compares halo-mode predictions of a held-out synthetic image
+           with the step-0.5 Gaussian result at --tile: official F1 against the labels, agreement of the
+           thresholded maps, largest probability difference, and speed-up. The halo the border profile asks for
+           (--halo-tolerance) and --halo are tried at --tile and at the tile `inference.halo_tile` fits; the last
+           record, `recommended_halo`, is the smallest of them whose F1 stays within --f1-tolerance of step 0.5.
+  tta      Compile time and median run time of the narrow U-Net's tile forward with 1, 2, 4 and 8 test-time views
+           (--batch-size tiles of --tta-tile px; the views of a batch go through the network as one batch).
 """
 
 import argparse
@@ -287,18 +295,21 @@ def benchmark_quality(args) -> None:
   from urisc_jax.evaluation import f1 as official  # pylint: disable=g-import-not-at-top
 
   width = args.quality_width
-  model = models.build("unet", encoder="resnet18", in_channels=1, num_classes=1, width=width)
+  model = models.build(args.quality_model, encoder="resnet18", in_channels=1, num_classes=1, width=width)
   variables = _train_briefly(model, args.train_steps)
   forward = inference.make_tile_forward(model, variables, mean=normalize.CEM500K_MEAN, std=normalize.CEM500K_STD)
   size = args.quality_size
   image, label = synthetic.render(synthetic.urisc_like(size, size), seed=1000)
-  params = dict(model=f"unet_resnet18_w{width:g}", train_steps=args.train_steps, height=size, width=size)
+  params = dict(model=f"{args.quality_model}_resnet18_w{width:g}", train_steps=args.train_steps, height=size,
+                width=size)
 
-  profile = inference.border_error_profile(forward, image, tile=512, margin=256)
+  # The border's reach is measured on tiles of the size compared below, with half a tile of context on each side.
+  profile = inference.border_error_profile(forward, image, tile=args.tile, margin=args.tile // 2)
   chosen = inference.choose_halo(profile, args.halo_tolerance)
+  distances = sorted({d for d in (0, 16, 32, 48, 64, 96, 128, 160, 192, 255) if d < len(profile)})
   emit({"bench": "predict_quality", **params, "metric": "halo_for_tolerance", "value": chosen, "unit": "px",
-        "tolerance_logit": args.halo_tolerance,
-        "border_error": {str(d): float(profile[d]) for d in (0, 16, 32, 64, 96, 128, 160, 192, 255)}})
+        "tile": args.tile, "tolerance_logit": args.halo_tolerance,
+        "border_error": {str(d): float(profile[d]) for d in distances}})
 
   def predict(tile, **options):
     jax.block_until_ready(forward(np.zeros((args.batch_size, tile, tile, 1), np.uint8)))  # compile apart
@@ -314,16 +325,51 @@ def benchmark_quality(args) -> None:
   reference_f1, reference_mask = f1(reference), reference >= 0.5
   emit({"bench": "predict_quality", **params, "mode": "step0.5", "tile": args.tile, "metric": "f1",
         "value": reference_f1, "seconds": reference_s})
+  holds = {}  # halo -> F1 within --f1-tolerance of step 0.5 at every tile tried
   for halo in sorted({chosen, args.halo}):
     for tile in sorted({args.tile, inference.halo_tile(image.shape, args.tile, halo)}):
       probability, seconds = predict(tile, halo=halo)
       mask = probability >= 0.5
       agreement = 2 * np.count_nonzero(mask & reference_mask) / (mask.sum() + reference_mask.sum())
+      delta = f1(probability) - reference_f1
+      holds[halo] = holds.get(halo, True) and abs(delta) <= args.f1_tolerance
       emit({"bench": "predict_quality", **params, "mode": f"halo{halo}", "tile": tile, "metric": "f1_delta",
-            "value": f1(probability) - reference_f1, "f1": f1(probability), "f1_reference": reference_f1,
+            "value": delta, "f1": f1(probability), "f1_reference": reference_f1,
             "mask_dice_vs_reference": agreement,
             "max_abs_probability_diff": float(np.abs(probability - reference).max()),
             "seconds": seconds, "speedup": reference_s / seconds})
+  # The smallest halo tried whose F1 holds (a smaller halo computes fewer pixels); None when none does.
+  recommended = min((halo for halo, ok in holds.items() if ok), default=None)
+  emit({"bench": "predict_quality", **params, "metric": "recommended_halo", "value": recommended, "unit": "px",
+        "tile": args.tile, "f1_tolerance": args.f1_tolerance, "halos_tried": sorted(holds)})
+
+
+# -------------------------------------------------------------------------------------------------------------- tta
+
+
+def benchmark_tta(args) -> None:
+  """Compile and run time of the tile forward with 1, 2, 4 and 8 test-time views on the narrow U-Net."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from urisc_jax import inference, models  # pylint: disable=g-import-not-at-top
+  from urisc_jax.data import normalize  # pylint: disable=g-import-not-at-top
+
+  model = models.build("unet", in_channels=1, num_classes=1, **NARROW)
+  variables = models.init_variables(model, (1, 64, 64, 1))
+  tiles = np.random.default_rng(0).integers(0, 256, (args.batch_size, args.tta_tile, args.tta_tile, 1), np.uint8)
+  for tta in inference.TTA_CHOICES:
+    forward = inference.make_tile_forward(model, variables, mean=normalize.CEM500K_MEAN, std=normalize.CEM500K_STD,
+                                          tta=tta)
+    start = time.perf_counter()
+    jax.block_until_ready(forward(tiles))
+    compile_s = time.perf_counter() - start
+    seconds = []
+    for _ in range(args.tta_runs):
+      start = time.perf_counter()
+      jax.block_until_ready(forward(tiles))
+      seconds.append(time.perf_counter() - start)
+    emit({"bench": "predict_tta", "model": display_name("narrow"), "tta": tta, "tile": args.tta_tile,
+          "batch_size": args.batch_size, "metric": "run_s_median", "value": statistics.median(seconds), "unit": "s",
+          "compile_s": compile_s, "runs": args.tta_runs})
 
 
 # ------------------------------------------------------------------------------------------------------------- main
@@ -332,7 +378,7 @@ def benchmark_quality(args) -> None:
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  parser.add_argument("--parts", default="rate,rss", help="comma-separated: rate, rss, quality")
+  parser.add_argument("--parts", default="rate,rss", help="comma-separated: rate, rss, quality, tta")
   parser.add_argument("--quick", action="store_true", help="small images for a check in a few minutes")
   parser.add_argument("--model", default="unet_resnet50", choices=sorted(MODELS) + ["normalize_only"])
   parser.add_argument("--height", type=int, default=4096)
@@ -349,9 +395,15 @@ def parse_args(argv=None):
   parser.add_argument("--rss-runs", default="9958x9959:memory:step:narrow,9958x9959:memory:halo:narrow,"
                       "30000x30000:disk:halo:narrow,30000x30000:disk:step:normalize_only")
   parser.add_argument("--train-steps", type=int, default=300)
-  parser.add_argument("--quality-width", type=float, default=0.25, help="width of the trained narrow U-Net")
+  parser.add_argument("--quality-model", default="unet", choices=["unet", "linknet"],
+                      help="the ResNet18 model trained for the quality part (the default config's: linknet)")
+  parser.add_argument("--quality-width", type=float, default=0.25, help="width of the trained model")
   parser.add_argument("--quality-size", type=int, default=4096, help="side of the held-out synthetic image")
   parser.add_argument("--halo-tolerance", type=float, default=0.05, help="logit error allowed beyond the halo")
+  parser.add_argument("--f1-tolerance", type=float, default=0.005,
+                      help="largest F1 change against step 0.5 for which a halo is recommended")
+  parser.add_argument("--tta-tile", type=int, default=256, help="tile of the tta part")
+  parser.add_argument("--tta-runs", type=int, default=5, help="timed calls per view count in the tta part")
   parser.add_argument("--tmpdir", default=None, help="where images for `disk` runs are written")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -369,9 +421,9 @@ def main(argv=None) -> None:
     measure(Run(**json.loads(args.worker)), pathlib.Path(args.tmpdir))
     return
   parts = args.parts.split(",")
-  unknown = set(parts) - {"rate", "rss", "quality"}
+  unknown = set(parts) - {"rate", "rss", "quality", "tta"}
   if unknown:
-    raise SystemExit(f"--parts: unknown part(s) {sorted(unknown)}; choose from rate, rss, quality")
+    raise SystemExit(f"--parts: unknown part(s) {sorted(unknown)}; choose from rate, rss, quality, tta")
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="predict_bench_", dir=args.tmpdir))
   try:
     if "rate" in parts:
@@ -380,6 +432,8 @@ def main(argv=None) -> None:
       benchmark_rss(args, tmp)
     if "quality" in parts:
       benchmark_quality(args)
+    if "tta" in parts:
+      benchmark_tta(args)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -153,12 +153,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.predict.tile = 512
   config.predict.step = 0.5
   config.predict.blend = "gaussian"
-  # Halo mode: tiles overlap by 2 * halo px and each pixel comes from the tile whose centre is nearest, computing
-  # each pixel about once instead of up to 4 times at step 0.5 (e.g. 128 with 1024 tiles). None = blended tiles.
-  config.predict.halo = ml_collections.config_dict.placeholder(int)
+  # Halo mode: tiles overlap by 2 * halo px and each pixel comes from the tile whose centre is nearest, so a pixel
+  # is computed 1.5-2 times instead of 2-4 times at step 0.5; None = blended tiles (step, blend). The tile grows to
+  # at least 4 x halo and by up to half to fit the image (inference.halo_tile). 112 px is where this model's logits
+  # stop feeling a tile border (< 0.05 logit); its F1 is within 1e-4 of step 0.5 (benchmarks/predict.py
+  # --parts=quality --quality-model=linknet --quality-width=0.5 --tile=512 --train-steps=400).
+  config.predict.halo = 112
   config.predict.tta = 1
   config.predict.batch_size = 2
   config.predict.threshold = ml_collections.config_dict.placeholder(float)  # None = choose on validation images
+  # Clean-up of the thresholded mask (urisc_jax/postprocess.py), also applied when the threshold is chosen; in
+  # pixels, 0 = off: closing with a disk of this radius, then removal of 8-connected membrane specks smaller than
+  # min_membrane_size, then filling of 4-connected background holes smaller than fill_holes_below.
+  config.predict.postprocess = ml_collections.ConfigDict()
+  config.predict.postprocess.min_membrane_size = 0
+  config.predict.postprocess.fill_holes_below = 0
+  config.predict.postprocess.closing_radius = 0
   config.predict.input = ""  # --mode=predict: an image file or folder
   config.predict.output = ""  # --mode=predict: "" = workdir/predictions
 

@@ -166,27 +166,71 @@ def test_the_eight_views_are_distinct_and_invert_exactly():
     seen.append(np.asarray(viewed))
 
 
-def test_flip_tta_makes_the_forward_equivariant_to_the_flip(small_unet):
-  """Two views (identity, column flip) average a tile with its mirror image, so mirroring the input mirrors the
-  output; compiling all 8 views costs too much here, and each view is checked to invert exactly above."""
+def _views_reference(single_view_forward, tiles, tta):
+  """Test-time augmentation written out: the mean over views of unview(forward(view(tiles))), one view at a time."""
+  total = 0.0
+  for v in inference._VIEWS[:tta]:
+    logits = np.asarray(single_view_forward(np.asarray(inference.view(tiles, *v))))[..., None]
+    total = total + np.asarray(inference.unview(logits, *v))[..., 0]
+  return total / tta
+
+
+@pytest.fixture(scope="module")
+def tta_forwards(small_unet):
+  """Tile forwards of the narrow U-Net without TTA and with all 8 views."""
   model, variables = small_unet
-  plain = inference.make_tile_forward(model, variables, mean=0.57, std=0.13, tta=1)
-  tta2 = inference.make_tile_forward(model, variables, mean=0.57, std=0.13, tta=2)
+  return {tta: inference.make_tile_forward(model, variables, mean=0.57, std=0.13, tta=tta) for tta in (1, 8)}
+
+
+def test_eight_views_in_one_batch_equal_the_views_taken_one_at_a_time(tta_forwards):
   tiles = _random_image((2, 64, 64, 1), seed=7)
-  mirrored = np.ascontiguousarray(tiles[:, :, ::-1])
-  np.testing.assert_allclose(np.asarray(tta2(mirrored)), np.asarray(tta2(tiles))[:, :, ::-1], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(tta_forwards[8](tiles)), _views_reference(tta_forwards[1], tiles, 8),
+                             atol=1e-5)
+
+
+def test_eight_view_tta_makes_the_forward_equivariant_to_flips_and_transposes(tta_forwards):
+  """Averaging over the whole symmetry group of the square: transforming the input transforms the output alike."""
+  tiles = _random_image((2, 64, 64, 1), seed=8)
+  logits = np.asarray(tta_forwards[8](tiles))[..., None]
+  for v in inference._VIEWS[1:]:
+    moved = np.asarray(tta_forwards[8](np.asarray(inference.view(tiles, *v))))
+    np.testing.assert_allclose(moved, np.asarray(inference.view(logits, *v))[..., 0], atol=1e-5)
   # Without TTA the network is not equivariant, so the property above is TTA's doing.
-  assert np.abs(np.asarray(plain(mirrored)) - np.asarray(plain(tiles))[:, :, ::-1]).max() > 1e-3
+  mirrored = np.ascontiguousarray(tiles[:, :, ::-1])
+  assert np.abs(np.asarray(tta_forwards[1](mirrored)) - np.asarray(tta_forwards[1](tiles))[:, :, ::-1]).max() > 1e-3
 
 
-def test_a_mesh_over_the_local_devices_gives_the_unsharded_result(small_unet):
-  import jax  # pylint: disable=g-import-not-at-top
-  model, variables = small_unet
-  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
-  tiles = _random_image((2 * jax.local_device_count(), 64, 64, 1), seed=8)
-  sharded = inference.make_tile_forward(model, variables, mean=0.57, std=0.13, mesh=mesh)
-  plain = inference.make_tile_forward(model, variables, mean=0.57, std=0.13)
-  np.testing.assert_allclose(np.asarray(sharded(tiles)), np.asarray(plain(tiles)), atol=1e-5)
+def test_tta_on_non_square_tiles_equals_the_views_taken_one_at_a_time(tta_forwards):
+  """Transposed views of a non-square tile have another shape: they go through the network in a second call."""
+  tiles = _random_image((1, 32, 64, 1), seed=9)
+  np.testing.assert_allclose(np.asarray(tta_forwards[8](tiles)), _views_reference(tta_forwards[1], tiles, 8),
+                             atol=1e-5)
+
+
+def test_halo_tile_computes_the_fewest_pixels():
+  # 4096 px at halo 128: 5 x 5 tiles of 1024 px compute 26 Mpix, 3 x 3 tiles of 1536 px 21 Mpix.
+  assert inference.halo_tile((4096, 4096), 1024, 128) == 1536
+  shape, tile, halo = (1000, 700), 256, 48
+  chosen = inference.halo_tile(shape, tile, halo)
+  computed = {t: inference.tile_grid(shape, t, halo=halo).num_tiles * t * t for t in range(256, 385, 32)}
+  assert computed[chosen] == min(computed.values()) and chosen in computed
+
+
+def test_a_tile_too_small_for_the_halo_grows_to_four_halos():
+  """The halo is what the network needs, so a small tile (tiny's 64 px) is raised to 4 x halo, not the halo cut."""
+  assert inference.min_halo_tile(64) == 256 and inference.min_halo_tile(20) == 96
+  assert inference.min_halo_tile(0) == 32
+  assert inference.halo_tile((192, 160), 64, 64) == 256
+  assert inference.halo_tile((2000, 2000), 64, 64) >= 256
+  assert inference.halo_tile((192, 160), 64, 16) == 96  # 6 tiles of 96 px compute fewer pixels than 20 of 64
+  image = _random_image((192, 160), seed=10)
+  tile = inference.halo_tile(image.shape, 64, 64)
+  logits = inference.predict_logits(_box_forward(5), image, tile=tile, halo=64)
+  # An image smaller than the tile is reflected up to the tile's size: one tile, exact.
+  padded = np.pad(image, ((0, 64), (0, 96)), mode="reflect")
+  np.testing.assert_array_equal(logits, _box_forward(5)(padded[None, ..., None])[0, :192, :160])
+  with pytest.raises(ValueError, match="halo"):
+    inference.halo_tile((192, 160), 64, -1)
 
 
 def test_gaussian_weights_peak_in_the_centre_and_stay_positive():

@@ -1,7 +1,8 @@
 """Whole-image prediction by sliding window, streamed in bands so that memory does not grow with the image.
 
-Tiles of a fixed size go through one jitted forward in fixed-size batches (no recompilation whatever the image). Two
-ways to put the tiles' logits together:
+Tiles of a fixed size go through one jitted forward in fixed-size batches (no recompilation whatever the image),
+split over the devices of a mesh when there are several. Test-time augmentation averages the logits of 1, 2, 4 or 8
+flips/transposes of each tile, all views stacked into one network call. Two ways to put the tiles' logits together:
 
 * Blending (the default, as nnU-Net): tiles every `step * tile` pixels, the last row and column of tiles flush with
   the border; each tile's logits are weighted (Gaussian, sigma = tile / 8, or constant) and summed, and the sum is
@@ -9,7 +10,8 @@ ways to put the tiles' logits together:
 * Halo: tiles overlap only by a margin `halo` on each side (every `tile - 2 * halo` pixels), and each pixel is taken
   from the one tile whose centre is nearest, so it lies at least `halo` pixels from that tile's border (or on the
   image border, where a whole-image forward would pad too). Each pixel is computed about (tile / (tile - 2 halo))^2
-  times. `border_error_profile` and `choose_halo` size the halo to what the network really uses.
+  times. `border_error_profile` and `choose_halo` size the halo to what the network really uses; `halo_tile` picks
+  the tile (at least 4 x halo) that covers an image with the fewest computed pixels.
 
 Streaming: tiles go in row-major order, so once a row of tiles is done every pixel above the next row's first tile is
 final. Only one band of `tile` rows of accumulator lives in memory; finished rows are written to `out` (which may be
@@ -65,32 +67,57 @@ def unview(x: jax.Array, transpose: bool, flip_rows: bool, flip_cols: bool) -> j
   return x
 
 
+def _views_forward(model, variables, x: jax.Array, views) -> jax.Array:
+  """Sum over `views` of the unviewed logits [B, H, W] of x [B, H, W, C], with ONE network call per view shape.
+
+  The views of a batch are stacked along the batch axis, tile-major ([B, V, ...] flattened to [B * V, ...]), so that
+  a batch split over devices keeps each tile's views on its device, and the network appears once in the compiled
+  program (compile time does not grow with the number of views). Transposed views of a non-square tile have
+  another shape and go through a second call.
+  """
+  square = x.shape[1] == x.shape[2]
+  groups = [views] if square else [[v for v in views if not v[0]], [v for v in views if v[0]]]
+  total = 0.0
+  for group in filter(None, groups):
+    stacked = jnp.stack([view(x, *v) for v in group], axis=1)  # [B, V, H', W', C]
+    logits = model.apply(variables, stacked.reshape(-1, *stacked.shape[2:]), train=False)
+    logits = logits.reshape(*stacked.shape[:2], *logits.shape[1:])
+    for k, v in enumerate(group):
+      total = total + unview(logits[:, k], *v)[..., 0].astype(jnp.float32)
+  return total
+
+
 def make_tile_forward(model, variables, *, mean: float, std: float, tta: int = 1,
                       mesh: jax.sharding.Mesh | None = None) -> TileForward:
   """A jitted function: uint8 tiles [B, T, T, 1] -> mean logit over `tta` views, float32 [B, T, T].
 
-  Any T divisible by the model's stride works (one compilation per shape). With a mesh, the tile batch is split over
-  its `data` axis (B must be divisible by its size).
+  Any T divisible by the model's stride works (one compilation per shape); non-square tiles too. The `tta` views of
+  each tile go through the network as one batch of B * tta tiles (so device memory grows with `tta`). With a mesh,
+  the tile batch is split over its `data` axis (B must be divisible by its size).
   """
   if tta not in TTA_CHOICES:
     raise ValueError(f"config.predict.tta must be one of {TTA_CHOICES}, got {tta}.")
+  views = _VIEWS[:tta]
 
   def forward(variables, tiles):
-    x = normalize(tiles, mean=mean, std=std)
-    total = 0.0
-    for v in _VIEWS[:tta]:
-      logits = model.apply(variables, view(x, *v), train=False)
-      total = total + unview(logits, *v)[..., 0].astype(jnp.float32)
-    return total / tta
+    return _views_forward(model, variables, normalize(tiles, mean=mean, std=std), views) / tta
 
   # Variables are an argument, not constants baked into the executable: less memory and a faster compile.
   if mesh is None:
     return functools.partial(jax.jit(forward), variables)
   replicated = sharding.replicated(mesh)
   tile_sharding = sharding.batch_sharding(mesh)
+  data_size = sharding.data_parallel_size(mesh)
   variables = jax.device_put(variables, replicated)
   jitted = jax.jit(forward, in_shardings=(replicated, tile_sharding))
-  return lambda tiles: jitted(variables, jax.device_put(tiles, tile_sharding))
+
+  def sharded_forward(tiles):
+    if tiles.shape[0] % data_size:
+      raise ValueError(f"A batch of {tiles.shape[0]} tiles cannot be split over the {data_size} devices of the "
+                       "mesh's data axis: make config.predict.batch_size a multiple of the device count.")
+    return jitted(variables, jax.device_put(tiles, tile_sharding))
+
+  return sharded_forward
 
 
 @functools.lru_cache(maxsize=8)
@@ -174,6 +201,15 @@ def tile_grid(shape: tuple[int, int], tile: int, *, step: float = 0.5, halo: int
                   _seams(cols, tile, shape[1]))
 
 
+def min_halo_tile(halo: int, *, multiple: int = 32) -> int:
+  """The smallest tile halo mode uses with `halo`: 4 x halo, rounded up to a multiple of `multiple`.
+
+  Tiles then advance by at least half their size, so each pixel is computed at most about 4 times (as at step 0.5);
+  a tile barely larger than 2 x halo would advance by a few pixels and compute each pixel many times over.
+  """
+  return max(multiple, -(-4 * halo // multiple) * multiple)
+
+
 def halo_tile(shape: tuple[int, int], tile: int, halo: int, *, multiple: int = 32, max_tile: int | None = None) -> int:
   """The tile size for halo mode on an image of `shape` that computes the fewest pixels.
 
@@ -181,17 +217,23 @@ def halo_tile(shape: tuple[int, int], tile: int, halo: int, *, multiple: int = 3
   and column of tiles: 4096 x 4096 px at halo 128 takes 5 x 5 tiles of 1024 px (26 Mpix computed), but 3 x 3 tiles
   of 1536 px (21 Mpix).
 
+  A `tile` smaller than `min_halo_tile(halo)` (e.g. a small tile meant for blending, with a halo sized for a bigger
+  network) is first raised to it: the halo is what the network needs, so it is kept and the tile grows.
+
   Args:
     shape: (H, W) of the image.
-    tile: the smallest tile to consider.
+    tile: the smallest tile to consider (raised to `min_halo_tile(halo, multiple=multiple)` if smaller).
     halo: the halo.
     multiple: tile sizes considered are multiples of this (the model's stride).
-    max_tile: the largest tile to consider (default 1.5 x tile; bigger tiles need more device memory).
+    max_tile: the largest tile to consider (default 1.5 x the smallest; bigger tiles need more device memory).
 
   Returns:
     The best tile size; the smallest one among equals.
   """
-  max_tile = tile * 3 // 2 if max_tile is None else max_tile
+  if halo < 0:
+    raise ValueError(f"config.predict.halo must be non-negative, got {halo}.")
+  tile = max(tile, min_halo_tile(halo, multiple=multiple))
+  max_tile = tile * 3 // 2 if max_tile is None else max(max_tile, tile)
   candidates = [tile] + list(range(-(-tile // multiple) * multiple, max_tile + 1, multiple))
 
   def computed_pixels(t):

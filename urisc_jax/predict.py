@@ -1,5 +1,8 @@
 """Predicting whole images with a trained model, choosing the threshold, writing submissions, scoring them.
 
+The submitted mask is `probability >= threshold`, cleaned up by `config.predict.postprocess` (off by default); the
+threshold is chosen on validation images for that cleaned-up mask and stored beside the checkpoint.
+
 Outputs per image, under an output folder:
   <name>.tiff                 the submission: uint8, black (0) = membrane, white (255) = background
   probabilities/<name>.tif    float32 membrane probability
@@ -14,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from urisc_jax import checkpoint, inference, optim, outputs, state
+from urisc_jax import checkpoint, inference, optim, outputs, postprocess, state
 from urisc_jax.data import sources
 from urisc_jax.data.prepare import PreparedImage
 from urisc_jax.evaluation import f1 as official
@@ -24,62 +27,112 @@ THRESHOLD_CANDIDATES = np.round(np.arange(0.02, 0.99, 0.02), 2)
 THRESHOLD_FILE = "threshold.json"
 
 
-def local_mesh() -> Mesh:
-  """A data-parallel mesh of this host's devices, for prediction (each host predicts its own images)."""
-  return Mesh(np.asarray(jax.local_devices()), ("data",))
+def local_mesh(batch_size: int) -> Mesh | None:
+  """A data-parallel mesh for prediction over this host's devices (each host predicts its own images).
+
+  It takes the most local devices that split a batch of `batch_size` tiles evenly (6 tiles on 8 devices: 6
+  devices); None when that is one device.
+  """
+  devices = jax.local_devices()
+  count = max(n for n in range(1, min(len(devices), batch_size) + 1) if batch_size % n == 0)
+  return None if count == 1 else Mesh(np.asarray(devices[:count]), ("data",))
 
 
 def tile_forward(config, model, variables) -> inference.TileForward:
-  """The jitted tile forward of `config.predict`, sharded over local devices when the tile batch divides evenly."""
-  mesh = local_mesh()
-  if config.predict.batch_size % mesh.size:
-    mesh = None
+  """The jitted tile forward of `config.predict`, its batch of tiles split over as many local devices as divide it."""
+  if config.predict.batch_size <= 0:
+    raise ValueError(f"config.predict.batch_size must be positive, got {config.predict.batch_size}.")
   return inference.make_tile_forward(model, variables, mean=config.data.mean, std=config.data.std,
-                                     tta=config.predict.tta, mesh=mesh)
+                                     tta=config.predict.tta, mesh=local_mesh(config.predict.batch_size))
+
+
+def tile_size(image_shape: tuple[int, int], predict_config) -> int:
+  """The tile for an image of `image_shape`: `config.predict.tile` when blending. In halo mode, `inference.halo_tile`:
+  the configured tile, raised to 4 x halo if smaller, grown by up to half to cover the image with the fewest
+  computed pixels."""
+  halo = predict_config.get("halo")
+  if halo is None:
+    return predict_config.tile
+  return inference.halo_tile(image_shape, predict_config.tile, halo)
 
 
 def probabilities(forward: inference.TileForward, image: np.ndarray, predict_config) -> np.ndarray:
   """float32 [H, W] membrane probability of a gray uint8 [H, W] image by sliding window."""
-  logits = inference.predict_logits(forward, image, tile=predict_config.tile, step=predict_config.step,
-                                    blend=predict_config.blend, batch_size=predict_config.batch_size,
-                                    halo=predict_config.get("halo"))
-  return inference.probabilities(logits)
+  logits = inference.predict_logits(forward, image, tile=tile_size(image.shape, predict_config),
+                                    step=predict_config.step, blend=predict_config.blend,
+                                    batch_size=predict_config.batch_size, halo=predict_config.get("halo"))
+  return inference.probabilities(logits, out=logits)
 
 
-def ground_truth(image: PreparedImage, data_config) -> np.ndarray:
-  """The ground truth the official scorer sees: the label file as read from disk, black = membrane.
+def membrane_mask(probability: np.ndarray, threshold: float, predict_config) -> np.ndarray:
+  """The submitted membrane mask, bool [H, W]: probability >= threshold, then `config.predict.postprocess`."""
+  membrane = probability >= threshold
+  options = predict_config.get("postprocess")
+  return postprocess.postprocess(membrane, options) if postprocess.is_enabled(options) else membrane
 
-  When the label needed another polarity or a threshold to decode, it is rebuilt from the decoded mask in the
-  official polarity instead.
+
+def ground_truth(image: PreparedImage) -> np.ndarray:
+  """The ground truth the official scorer sees, uint8 [H, W], black = membrane: `PreparedImage.official_label`.
+
+  For a binary label file in the official polarity that is the file byte for byte; a label that needed another
+  polarity or a threshold to decode comes back binarized in the official polarity. Works for every source (files,
+  slices of TIFF stacks, TFDS records).
   """
-  if data_config.membrane == "black" and data_config.label_threshold is None:
-    return official.read_gray8(image.source_label)
-  return inference.submission(np.asarray(image.label(), bool))
+  return np.asarray(image.official_label())
+
+
+def f1_per_threshold(probability: np.ndarray, gt: np.ndarray, predict_config, *, gt_mode: str,
+                     candidates: np.ndarray = THRESHOLD_CANDIDATES) -> np.ndarray:
+  """Official F1 of the submitted mask (`membrane_mask`) at each candidate threshold, float64 [K].
+
+  Without post-processing, one histogram pass scores all candidates; with it, each candidate's mask is
+  post-processed and scored in turn (K passes), so that the threshold is chosen for the mask that is submitted.
+  """
+  if not postprocess.is_enabled(predict_config.get("postprocess")):
+    return thresholds.f1_per_candidate(probability, gt, candidates, gt_mode=gt_mode)
+  one = np.ones(1)  # a boolean mask scored as the score map `mask >= 1`
+  return np.array([thresholds.f1_per_candidate(membrane_mask(probability, t, predict_config), gt, one,
+                                               gt_mode=gt_mode)[0] for t in candidates])
 
 
 def choose_threshold(forward, images: list[PreparedImage], config) -> dict:
-  """The probability threshold that maximises the mean official F1 on `images` (the validation split)."""
-  scores = [probabilities(forward, np.asarray(im.image()), config.predict)
-            for im in tqdm(images, desc="validate", unit="image", leave=False)]
-  truths = [ground_truth(im, config.data) for im in images]
-  best, mean_f1 = thresholds.select_threshold(scores, truths, THRESHOLD_CANDIDATES, gt_mode=config.eval.gt_mode)
-  return {"threshold": best, "val_f1": mean_f1, "val_images": [im.name for im in images]}
+  """The probability threshold that maximises the mean official F1 on `images` (the validation split).
+
+  Each image's F1 is computed for all candidates right after its prediction, so only one probability map is held
+  at a time. The post-processing of `config.predict.postprocess` is applied as it will be at prediction, and
+  recorded with the threshold. Ties go to the lowest threshold.
+  """
+  if not images:
+    raise ValueError("choose_threshold needs at least one validation image; set config.predict.threshold instead.")
+  curves = []
+  for im in tqdm(images, desc="validate", unit="image", leave=False):
+    probability = probabilities(forward, np.asarray(im.image()), config.predict)
+    curves.append(f1_per_threshold(probability, ground_truth(im), config.predict,
+                                   gt_mode=config.eval.gt_mode))
+    del probability
+  mean_f1 = np.mean(curves, axis=0)
+  best = int(np.argmax(mean_f1))
+  return {"threshold": float(THRESHOLD_CANDIDATES[best]), "val_f1": float(mean_f1[best]),
+          "val_images": [im.name for im in images],
+          "postprocess": postprocess.options_from(config.predict.get("postprocess"))}
 
 
 def intensity_baseline(train_images: list[PreparedImage], test_images: list[PreparedImage], data_config, *,
                        gt_mode: str) -> dict:
   """The best global intensity threshold (membrane = gray <= t) chosen on the training images, scored on the test
-  images: what a network has to beat."""
+  images: what a network has to beat. (`data_config` is unused: the prepared images know how their labels decode.)"""
+  del data_config
+
   def darkness(im):  # Higher = darker = more membrane-like, as the threshold sweep expects.
     return 255 - np.asarray(im.image(), np.int16)
 
   candidates = np.arange(256)  # darkness >= c  <=>  gray <= 255 - c
   level, train_f1 = thresholds.select_threshold([darkness(im) for im in train_images],
-                                                [ground_truth(im, data_config) for im in train_images],
+                                                [ground_truth(im) for im in train_images],
                                                 candidates, gt_mode=gt_mode)
   gray_threshold = 255 - int(level)
   per_image = [score_submission(inference.submission(np.asarray(im.image()) <= gray_threshold),
-                                ground_truth(im, data_config), gt_mode=gt_mode) for im in test_images]
+                                ground_truth(im), gt_mode=gt_mode) for im in test_images]
   mean, sem = official.mean_and_sem([r["f1"] for r in per_image])
   return {"gray_threshold": gray_threshold, "train_f1": train_f1, "f1": mean, "f1_sem": sem,
           "precision": float(np.mean([r["precision"] for r in per_image])),
@@ -109,8 +162,8 @@ def predict_and_score(forward, images: list[PreparedImage], config, *, threshold
   for im in tqdm(images, desc="test", unit="image"):
     image = np.asarray(im.image())
     probability = probabilities(forward, image, config.predict)
-    membrane = probability >= threshold
-    gt = ground_truth(im, config.data)
+    membrane = membrane_mask(probability, threshold, config.predict)
+    gt = ground_truth(im)
     write_outputs(out_dir, im.name, image, probability, membrane, gt < 255)
     scores = score_submission(official.read_gray8(out_dir / f"{im.name}.tiff"), gt, gt_mode=config.eval.gt_mode)
     per_image.append({"name": im.name, **scores})
@@ -164,6 +217,6 @@ def predict_files(config, workdir: pathlib.Path) -> list[pathlib.Path]:
   for path in tqdm(sources.image_files(config.predict.input), desc="predict", unit="image"):
     image = sources.read_image(path)
     probability = probabilities(forward, image, config.predict)
-    write_outputs(out_dir, path.stem, image, probability, probability >= threshold)
+    write_outputs(out_dir, path.stem, image, probability, membrane_mask(probability, threshold, config.predict))
     written.append(out_dir / f"{path.stem}.tiff")
   return written
