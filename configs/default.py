@@ -180,6 +180,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.pred_dir = ""  # --mode=evaluate
   config.eval.gt_dir = ""  # --mode=evaluate
   config.eval.prob_dir = ""  # --mode=evaluate, optional: probability maps for ISBI V_rand / V_info
+  # --mode=evaluate: True stops at the first submission the official format check rejects; False scores it 0 (as
+  # the competition did) and names the reason in the report.
+  config.eval.strict = False
 
   # --mode=criteria: image definition criteria of originals vs downsampled versions (Track 1 -> Track 2).
   config.criteria = ml_collections.ConfigDict()

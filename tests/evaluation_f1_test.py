@@ -260,3 +260,11 @@ def test_score_folders_reports_unpaired_and_bad_files(tmp_path):
   Image.fromarray(255 - pred).save(pred_dir / "a.png")  # inverted polarity
   with pytest.raises(f1_lib.SubmissionFormatError, match="a.png"):
     f1_lib.score_folders(pred_dir, gt_dir)
+  # Not strict: the rejected submission scores 0 and its row says why, as the competition treated it.
+  _write_pair(pred_dir, gt_dir, "b", pred, gt)
+  lenient = f1_lib.score_folders(pred_dir, gt_dir, strict=False)
+  rejected, accepted = lenient["images"]
+  assert (rejected["f1"], rejected["precision"], rejected["recall"]) == (0.0, 0.0, 0.0)
+  assert "background pixels" in rejected["rejected"] or "gray" in rejected["rejected"]
+  assert "rejected" not in accepted and lenient["num_rejected"] == 1
+  assert lenient["mean_f1"] == pytest.approx(accepted["f1"] / 2)

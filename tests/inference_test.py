@@ -7,6 +7,7 @@ Two kinds of checks:
 * A narrow real U-Net-ResNet18 (random weights) against one forward pass over the whole image.
 """
 
+import jax
 import numpy as np
 import pytest
 
@@ -180,6 +181,22 @@ def tta_forwards(small_unet):
   """Tile forwards of the narrow U-Net without TTA and with all 8 views."""
   model, variables = small_unet
   return {tta: inference.make_tile_forward(model, variables, mean=0.57, std=0.13, tta=tta) for tta in (1, 8)}
+
+
+def test_a_binder_compiles_once_for_every_set_of_variables_it_binds(small_unet, monkeypatch):
+  """Validation during training binds each new state to one compiled forward instead of recompiling."""
+  model, variables = small_unet
+  traces = []
+  views_forward = inference._views_forward
+  monkeypatch.setattr(inference, "_views_forward", lambda *a: traces.append(1) or views_forward(*a))
+  bind = inference.tile_forward_binder(model, mean=0.57, std=0.13)
+  doubled = jax.tree.map(lambda x: x * 2, variables)
+  tiles = _random_image((2, 64, 64, 1), seed=5)
+  first, second = np.asarray(bind(variables)(tiles)), np.asarray(bind(doubled)(tiles))
+  assert len(traces) == 1
+  np.testing.assert_array_equal(first, np.asarray(inference.make_tile_forward(model, variables, mean=0.57,
+                                                                              std=0.13)(tiles)))
+  assert np.abs(second - first).max() > 1e-3  # the second binding really used its own variables
 
 
 def test_eight_views_in_one_batch_equal_the_views_taken_one_at_a_time(tta_forwards):

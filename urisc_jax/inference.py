@@ -26,6 +26,7 @@ import functools
 import mmap
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,13 +88,12 @@ def _views_forward(model, variables, x: jax.Array, views) -> jax.Array:
   return total
 
 
-def make_tile_forward(model, variables, *, mean: float, std: float, tta: int = 1,
-                      mesh: jax.sharding.Mesh | None = None) -> TileForward:
-  """A jitted function: uint8 tiles [B, T, T, 1] -> mean logit over `tta` views, float32 [B, T, T].
+def tile_forward_binder(model, *, mean: float, std: float, tta: int = 1,
+                        mesh: jax.sharding.Mesh | None = None) -> Callable[[Any], TileForward]:
+  """Jits the tile forward once and returns `bind(variables) -> TileForward`.
 
-  Any T divisible by the model's stride works (one compilation per shape); non-square tiles too. The `tta` views of
-  each tile go through the network as one batch of B * tta tiles (so device memory grows with `tta`). With a mesh,
-  the tile batch is split over its `data` axis (B must be divisible by its size).
+  Binding new variables reuses the compiled executable: validation during training binds each new state without
+  recompiling. See `make_tile_forward` for what the forward computes.
   """
   if tta not in TTA_CHOICES:
     raise ValueError(f"config.predict.tta must be one of {TTA_CHOICES}, got {tta}.")
@@ -104,20 +104,36 @@ def make_tile_forward(model, variables, *, mean: float, std: float, tta: int = 1
 
   # Variables are an argument, not constants baked into the executable: less memory and a faster compile.
   if mesh is None:
-    return functools.partial(jax.jit(forward), variables)
+    jitted = jax.jit(forward)
+    return lambda variables: functools.partial(jitted, variables)
   replicated = sharding.replicated(mesh)
   tile_sharding = sharding.batch_sharding(mesh)
   data_size = sharding.data_parallel_size(mesh)
-  variables = jax.device_put(variables, replicated)
   jitted = jax.jit(forward, in_shardings=(replicated, tile_sharding))
 
-  def sharded_forward(tiles):
-    if tiles.shape[0] % data_size:
-      raise ValueError(f"A batch of {tiles.shape[0]} tiles cannot be split over the {data_size} devices of the "
-                       "mesh's data axis: make config.predict.batch_size a multiple of the device count.")
-    return jitted(variables, jax.device_put(tiles, tile_sharding))
+  def bind(variables):
+    variables = jax.device_put(variables, replicated)
 
-  return sharded_forward
+    def sharded_forward(tiles):
+      if tiles.shape[0] % data_size:
+        raise ValueError(f"A batch of {tiles.shape[0]} tiles cannot be split over the {data_size} devices of the "
+                         "mesh's data axis: make config.predict.batch_size a multiple of the device count.")
+      return jitted(variables, jax.device_put(tiles, tile_sharding))
+
+    return sharded_forward
+
+  return bind
+
+
+def make_tile_forward(model, variables, *, mean: float, std: float, tta: int = 1,
+                      mesh: jax.sharding.Mesh | None = None) -> TileForward:
+  """A jitted function: uint8 tiles [B, T, T, 1] -> mean logit over `tta` views, float32 [B, T, T].
+
+  Any T divisible by the model's stride works (one compilation per shape); non-square tiles too. The `tta` views of
+  each tile go through the network as one batch of B * tta tiles (so device memory grows with `tta`). With a mesh,
+  the tile batch is split over its `data` axis (B must be divisible by its size).
+  """
+  return tile_forward_binder(model, mean=mean, std=std, tta=tta, mesh=mesh)(variables)
 
 
 @functools.lru_cache(maxsize=8)

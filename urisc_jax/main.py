@@ -49,7 +49,8 @@ def run(config, workdir: pathlib.Path, mode: str) -> dict | list:
     if not config.eval.pred_dir or not config.eval.gt_dir:
       raise app.UsageError("--mode=evaluate needs --config.eval.pred_dir=DIR and --config.eval.gt_dir=DIR.")
     return report.evaluate_folders(config.eval.pred_dir, config.eval.gt_dir, workdir / "evaluation",
-                                   gt_mode=config.eval.gt_mode, prob_dir=config.eval.prob_dir or None)
+                                   gt_mode=config.eval.gt_mode, prob_dir=config.eval.prob_dir or None,
+                                   strict=config.eval.strict)
   if mode == "prepare":
     from urisc_jax.data import dataset
     return {split: len(dataset.prepared_split(config.data, workdir, getattr(config.data, f"{split}_split")))

@@ -38,12 +38,18 @@ def local_mesh(batch_size: int) -> Mesh | None:
   return None if count == 1 else Mesh(np.asarray(devices[:count]), ("data",))
 
 
-def tile_forward(config, model, variables) -> inference.TileForward:
-  """The jitted tile forward of `config.predict`, its batch of tiles split over as many local devices as divide it."""
+def tile_forward_binder(config, model):
+  """`bind(variables) -> TileForward` for `config.predict`, compiled once however many variables get bound; the
+  batch of tiles is split over as many local devices as divide it."""
   if config.predict.batch_size <= 0:
     raise ValueError(f"config.predict.batch_size must be positive, got {config.predict.batch_size}.")
-  return inference.make_tile_forward(model, variables, mean=config.data.mean, std=config.data.std,
-                                     tta=config.predict.tta, mesh=local_mesh(config.predict.batch_size))
+  return inference.tile_forward_binder(model, mean=config.data.mean, std=config.data.std, tta=config.predict.tta,
+                                       mesh=local_mesh(config.predict.batch_size))
+
+
+def tile_forward(config, model, variables) -> inference.TileForward:
+  """The jitted tile forward of `config.predict` with `variables` bound."""
+  return tile_forward_binder(config, model)(variables)
 
 
 def tile_size(image_shape: tuple[int, int], predict_config) -> int:
@@ -117,11 +123,10 @@ def choose_threshold(forward, images: list[PreparedImage], config) -> dict:
           "postprocess": postprocess.options_from(config.predict.get("postprocess"))}
 
 
-def intensity_baseline(train_images: list[PreparedImage], test_images: list[PreparedImage], data_config, *,
+def intensity_baseline(train_images: list[PreparedImage], test_images: list[PreparedImage], *,
                        gt_mode: str) -> dict:
   """The best global intensity threshold (membrane = gray <= t) chosen on the training images, scored on the test
-  images: what a network has to beat. (`data_config` is unused: the prepared images know how their labels decode.)"""
-  del data_config
+  images: what a network has to beat."""
 
   def darkness(im):  # Higher = darker = more membrane-like, as the threshold sweep expects.
     return 255 - np.asarray(im.image(), np.int16)

@@ -95,14 +95,20 @@ def _config_normalization(config) -> dict[str, float]:
   return {"mean": float(config.data.mean), "std": float(config.data.std)}
 
 
-def validate(config, model: nn.Module, state: TrainState, val_images: list[PreparedImage]) -> dict:
+def validate(config, bind_forward, state: TrainState, val_images: list[PreparedImage]) -> dict:
   """Official-scorer F1 of the current state on the validation images at the threshold that maximizes it there.
 
+  Args:
+    config: the run config (its predict and eval settings are used).
+    bind_forward: `predict.tile_forward_binder(config, model)`, compiled once for every validation of a run.
+    state: the state to score.
+    val_images: prepared, labelled validation images.
+
   Returns:
-    {"threshold", "val_f1", "val_images"} as `predict.choose_threshold` gives them.
+    {"threshold", "val_f1", "val_images", "postprocess"} as `predict.choose_threshold` gives them.
   """
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return predict.choose_threshold(predict.tile_forward(config, model, variables), val_images, config)
+  forward = bind_forward({"params": state.params, "batch_stats": state.batch_stats})
+  return predict.choose_threshold(forward, val_images, config)
 
 
 def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage],
@@ -166,6 +172,7 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
   logger = run_log.MetricsLogger(workdir, enabled=jax.process_index() == 0)
   eval_every = config.train.get("eval_every", 0) if val_images else 0
   best = checkpoint.BestCheckpoint(workdir / "checkpoints_best") if eval_every else None
+  bind_forward = predict.tile_forward_binder(config, model) if eval_every else None
   validation = None
   pending, started, images_seen = [], None, 0
   step = start_step
@@ -196,7 +203,7 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
               "check the data.")
         averaged["learning_rate"] = float(learning_rate(step - 1))
         if evaluate:
-          validation = {"step": step, **validate(config, model, state, val_images)}
+          validation = {"step": step, **validate(config, bind_forward, state, val_images)}
           averaged.update(val_f1=validation["val_f1"], val_threshold=validation["threshold"])
           best.offer(step, state, validation["val_f1"], meta={"threshold": validation["threshold"], **meta})
         logger.write(step, averaged)
@@ -260,7 +267,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   if config.predict.threshold is not None:
     chosen = {"threshold": float(config.predict.threshold), "val_f1": None, "val_images": []}
   elif last_validation and last_validation["step"] == step:  # Validated at the last step while training.
-    chosen = {k: last_validation[k] for k in ("threshold", "val_f1", "val_images")}
+    chosen = {k: v for k, v in last_validation.items() if k != "step"}
   elif splits["val"]:
     chosen = predict.choose_threshold(forward, splits["val"], config)
   else:
@@ -268,7 +275,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   outputs.write_json(workdir / predict.THRESHOLD_FILE, {"step": step, **chosen})
   test = predict.predict_and_score(forward, splits["test"], config, threshold=chosen["threshold"],
                                    out_dir=workdir / "predictions")
-  baseline = predict.intensity_baseline(splits["train"], splits["test"], config.data, gt_mode=config.eval.gt_mode)
+  baseline = predict.intensity_baseline(splits["train"], splits["test"], gt_mode=config.eval.gt_mode)
   if splits["test"]:
     first = workdir / "predictions" / "overlays" / f"{splits['test'][0].name}.png"
     (workdir / "overlay.png").write_bytes(first.read_bytes())

@@ -339,7 +339,7 @@ def summarize(per_image: list[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def score_folders(pred_dir: str | pathlib.Path, gt_dir: str | pathlib.Path, *, gt_mode: str = "official",
-                  bound_pix: int = 0) -> dict[str, Any]:
+                  bound_pix: int = 0, strict: bool = True) -> dict[str, Any]:
   """Scores every prediction in `pred_dir` against the ground truth of the same name in `gt_dir`.
 
   Args:
@@ -347,19 +347,25 @@ def score_folders(pred_dir: str | pathlib.Path, gt_dir: str | pathlib.Path, *, g
     gt_dir: folder of ground-truth membrane maps with the same file stems.
     gt_mode: "official" or "binarized", see `official_f1`.
     bound_pix: boundary tolerance, see `official_f1`.
+    strict: raise at the first prediction the official format check rejects (naming the file); with False it
+      scores 0 (F1, precision and recall), as a rejected submission does, and its row says why under "rejected".
 
   Returns:
-    {"images": [{"name", "prediction", "ground_truth", "f1", "precision", "recall"}, ...] sorted by name,
-     "num_images", "mean_f1" (the dataset score: plain mean of per-image F), "sem_f1", "mean_precision",
-     "mean_recall", "gt_mode", "bound_pix"}.
+    {"images": [{"name", "prediction", "ground_truth", "f1", "precision", "recall"[, "rejected"]}, ...] sorted by
+     name, "num_images", "num_rejected", "mean_f1" (the dataset score: plain mean of per-image F), "sem_f1",
+     "mean_precision", "mean_recall", "gt_mode", "bound_pix"}.
   """
   rows = []
   for stem, pred_path, gt_path in pair_images(pred_dir, gt_dir):
     pred, gt = read_gray8(pred_path), read_gray8(gt_path)
+    row = {"name": stem, "prediction": str(pred_path), "ground_truth": str(gt_path)}
     try:
       f1, precision, recall = official_f1(pred, gt, gt_mode=gt_mode, bound_pix=bound_pix)
+      row.update(f1=f1, precision=precision, recall=recall)
     except SubmissionFormatError as e:
-      raise SubmissionFormatError(f"{pred_path} (ground truth {gt_path}): {e}") from e
-    rows.append({"name": stem, "prediction": str(pred_path), "ground_truth": str(gt_path), "f1": f1,
-                 "precision": precision, "recall": recall})
-  return {"images": rows, **summarize(rows), "gt_mode": gt_mode, "bound_pix": int(bound_pix)}
+      if strict:
+        raise SubmissionFormatError(f"{pred_path} (ground truth {gt_path}): {e}") from e
+      row.update(f1=0.0, precision=0.0, recall=0.0, rejected=str(e))
+    rows.append(row)
+  return {"images": rows, **summarize(rows), "num_rejected": sum("rejected" in row for row in rows),
+          "gt_mode": gt_mode, "bound_pix": int(bound_pix)}

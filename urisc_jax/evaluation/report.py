@@ -114,7 +114,8 @@ def _markdown(result: dict[str, Any]) -> str:
       rule,
   ]
   for row in result["images"]:
-    line = f"| {row['name']} | {_fmt(row['f1'])} | {_fmt(row['precision'])} | {_fmt(row['recall'])} |"
+    name = f"{row['name']} (rejected: {row['rejected']})" if "rejected" in row else row["name"]
+    line = f"| {name} | {_fmt(row['f1'])} | {_fmt(row['precision'])} | {_fmt(row['recall'])} |"
     if has_isbi:
       line += f" {_fmt(row['v_rand'])} | {_fmt(row['v_info'])} |"
     lines.append(line)
@@ -139,7 +140,7 @@ def _markdown(result: dict[str, Any]) -> str:
 
 def evaluate_folders(pred_dir: str | pathlib.Path, gt_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
                      gt_mode: str = "official", prob_dir: str | pathlib.Path | None = None, bound_pix: int = 0,
-                     thresholds: Sequence[float] = isbi.THRESHOLDS) -> dict[str, Any]:
+                     thresholds: Sequence[float] = isbi.THRESHOLDS, strict: bool = True) -> dict[str, Any]:
   """Scores a prediction folder against ground truth and writes evaluation.json and evaluation.md to `out_dir`.
 
   Args:
@@ -151,6 +152,7 @@ def evaluate_folders(pred_dir: str | pathlib.Path, gt_dir: str | pathlib.Path, o
       when given, V_rand and V_info are added.
     bound_pix: boundary tolerance of the F1 in pixels (0 = official exact match).
     thresholds: interior thresholds for V_rand / V_info.
+    strict: stop at a prediction the official format check rejects; False scores it 0 and says why in its row.
 
   Returns:
     The report as written to evaluation.json: {"images": [per-image rows], "num_images", "mean_f1", "sem_f1",
@@ -158,7 +160,7 @@ def evaluate_folders(pred_dir: str | pathlib.Path, gt_dir: str | pathlib.Path, o
     "isbi": {"v_rand", "v_rand_threshold", "v_info", "v_info_threshold", "per_threshold"}, "files"}.
     A standard error that does not exist (one image) is NaN here and null in the JSON.
   """
-  result = f1_lib.score_folders(pred_dir, gt_dir, gt_mode=gt_mode, bound_pix=bound_pix)
+  result = f1_lib.score_folders(pred_dir, gt_dir, gt_mode=gt_mode, bound_pix=bound_pix, strict=strict)
   result["pred_dir"], result["gt_dir"] = str(pred_dir), str(gt_dir)
   if prob_dir is not None:
     result["prob_dir"] = str(prob_dir)
