@@ -158,3 +158,12 @@ def test_criteria_mode_compares_prepared_test_images_with_downsampled_versions(t
   assert {row["image"] for row in result["rows"]} == {row["name"] for row in metrics["per_image"]}
   assert sorted({(row["version"], row["height"], row["width"]) for row in result["rows"]}) == [
       ("area", 96, 80), ("original", 192, 160)]
+
+
+def test_attribute_mode_writes_statistics_with_completeness_gaps(tiny_run):
+  _main(tiny_run, "--mode=attribute", "--config.attribution.steps=16", "--config.attribution.num_targets=1")
+  targets = json.loads((tiny_run / "attribution" / "targets.json").read_text())
+  entries = targets if isinstance(targets, list) else targets["targets"]
+  assert entries and all("completeness_gap" in e and "completeness_gap_rel" in e for e in entries)
+  assert (tiny_run / "attribution" / "stats.json").exists()
+  assert list((tiny_run / "attribution").glob("figure8_*.png"))

@@ -9,6 +9,8 @@ Modes:
   evaluate  score submission TIFFs in --config.eval.pred_dir against ground truth in --config.eval.gt_dir
   prepare   decode every split of the configured dataset into the memory-mappable cache
   criteria  image definition criteria (Brenner, SMD2, Variance, Vollath) of images and their downsampled versions
+  attribute integrated gradients of sampled true-positive, false-positive and false-negative pixels of the trained
+            model and their attribution fields S_k: workdir/attribution/ (stats.json, targets.json, figures)
 """
 
 import json
@@ -20,7 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "predict", "evaluate", "prepare", "criteria")
+MODES = ("train", "predict", "evaluate", "prepare", "criteria", "attribute")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/default.py.",
                                           lock_config=True)
@@ -57,6 +59,9 @@ def run(config, workdir: pathlib.Path, mode: str) -> dict | list:
             for split in ("train", "val", "test")}
   if mode == "criteria":
     return _criteria(config, workdir)
+  if mode == "attribute":
+    from urisc_jax.attribution import run as attribution_run
+    return attribution_run.attribute(config, workdir)
   raise app.UsageError(f"Unknown mode {mode!r}; choose one of {MODES}.")
 
 

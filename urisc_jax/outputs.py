@@ -25,10 +25,19 @@ def atomic_path(path: str | pathlib.Path):
   os.close(fd)
   try:
     yield pathlib.Path(tmp)
+    # mkstemp creates owner-only files; give the result the permissions any new file would get (umask applies),
+    # so colleagues on a shared cluster can read predictions and reports.
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def json_safe(value: Any) -> Any:

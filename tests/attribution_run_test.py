@@ -1,0 +1,115 @@
+"""--mode=attribute end to end on the tiny config, and completeness of integrated gradients on the trained model."""
+
+import json
+
+import numpy as np
+import pytest
+from absl import flags
+from PIL import Image
+
+from configs import tiny
+from urisc_jax import predict, state, train
+from urisc_jax.attribution import fields
+from urisc_jax.attribution import integrated_gradients as ig
+from urisc_jax.attribution import run
+from urisc_jax.data import dataset
+
+TRAIN_STEPS = 24
+
+
+def _config():
+  config = tiny.get_config()
+  config.train.num_steps = TRAIN_STEPS
+  config.train.checkpoint_every = TRAIN_STEPS
+  config.train.eval_every = 0  # no validation during training
+  config.predict.threshold = 0.5  # no threshold sweep on the validation image
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  flags.FLAGS.mark_as_parsed()  # Grain reads absl flags
+  workdir = tmp_path_factory.mktemp("attribution")
+  train.train_and_evaluate(_config(), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def attributed(trained):
+  config = _config()
+  config.attribution.steps = 8
+  config.attribution.chunk_size = 4
+  config.attribution.num_targets = 2
+  config.attribution.targets_per_pass = 6  # one pass for the image's (up to) 6 targets: one compilation
+  config.attribution.crop = "none"  # the tiny model's receptive field covers the whole 192 x 160 image anyway
+  config.attribution.k_grid = (0.01, 0.1, 0.5)
+  return config, run.attribute(config, trained)
+
+
+def test_completeness_gap_on_the_trained_model_shrinks_with_steps_below_one_percent(trained):
+  config = _config()
+  model = state.build_model(config.model)
+  variables, _, meta = predict.restore_variables(config, trained, model)
+  mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
+  [test_image] = dataset.prepared_split(config.data, trained, "test", progress=False)
+  image = np.asarray(test_image.image())[:64, :64]
+  x = ig.input_window(image, mean=mean, std=std)
+  # A black baseline: a model this briefly trained barely moves its logits between mid-gray (the zeros baseline) and
+  # the image, which would make relative gaps measure rounding. From black they move by about 10.
+  baseline = ig.make_baseline("black", image, mean=mean, std=std)
+  logit_fn = ig.ModelLogits(model)
+  logits = np.asarray(logit_fn(variables, np.stack([x, baseline])))
+  change = np.abs(logits[0] - logits[1])
+  targets = np.stack(np.unravel_index(np.argsort(change, axis=None)[-2:], change.shape), axis=1)
+  results = {steps: ig.integrated_gradients(logit_fn, variables, x, baseline, targets, steps=steps, chunk_size=10)
+             for steps in (10, 50, 300)}
+  mean_gap = [np.abs(results[s].completeness_gap).mean() for s in (10, 50, 300)]
+  assert mean_gap[0] > mean_gap[1] > mean_gap[2], mean_gap
+  assert np.all(np.abs(results[300].logits - results[300].baseline_logits) > 2.0)
+  relative = np.abs(results[300].completeness_gap_rel)
+  assert relative.max() < 0.01, relative
+
+
+def test_attribute_writes_stats_targets_and_figures(attributed, trained):
+  config, summary = attributed
+  out = trained / "attribution"
+  stats = json.loads((out / "stats.json").read_text())
+  listing = json.loads((out / "targets.json").read_text())
+  entries = listing["targets"]
+  assert summary["num_targets"] == len(entries) == stats["outcomes"]["all"]["n"] > 0
+  assert stats["dataset"] == listing["dataset"] == "synthetic:Track1/test"
+  assert stats["k_grid"] == listing["k_grid"] == [0.01, 0.1, 0.5] and stats["steps"] == 8
+  assert sum(stats["outcomes"][o]["n"] for o in fields.OUTCOMES if o in stats["outcomes"]) == len(entries)
+  for name in ("figure7b_sk.png", *sorted({f"figure8_{e['image']}.png" for e in entries})):
+    with Image.open(out / name) as png:
+      assert png.format == "PNG" and png.width > 0
+  for key in ("image", "y", "x", "outcome", "logit", "baseline_logit", "completeness_gap", "completeness_gap_rel",
+              "s_k_nm2"):
+    assert all(key in e for e in entries), key
+  assert all(np.all(np.diff(e["s_k_nm2"]) <= 0) for e in entries)  # fewer pixels pass a higher level
+  pixels = np.array([e["s_k_nm2"] for e in entries]) / 2.18**2  # S_k = pixel count x (2.18 nm)^2
+  np.testing.assert_allclose(pixels, np.round(pixels), atol=1e-6)
+  np.testing.assert_allclose(summary["mean_s_k_nm2"]["k=0.01"], np.mean([e["s_k_nm2"][0] for e in entries]))
+  assert summary["completeness"]["max_abs_gap"] == max(abs(e["completeness_gap"]) for e in entries)
+
+
+def test_targets_are_sampled_by_outcome_against_the_annotation(attributed, trained):
+  config, _ = attributed
+  stats = json.loads((trained / "attribution" / "stats.json").read_text())
+  entries = json.loads((trained / "attribution" / "targets.json").read_text())["targets"]
+  [test_image] = dataset.prepared_split(config.data, trained, "test", progress=False)
+  truth = np.asarray(test_image.label()) > 0
+  for e in entries:
+    predicted = e["probability"] >= stats["threshold"]  # the tiny config does not post-process
+    assert fields.outcome_masks(np.array([[predicted]]), truth[e["y"], e["x"]][None, None])[e["outcome"]][0, 0]
+  counts = {o: sum(e["outcome"] == o for e in entries) for o in fields.OUTCOMES}
+  assert all(n <= config.attribution.num_targets for n in counts.values()) and counts["tp"] + counts["fn"] > 0
+
+
+def test_attribute_needs_a_trained_run_and_a_valid_config(tmp_path, trained):
+  with pytest.raises(FileNotFoundError, match="train first"):
+    run.attribute(_config(), tmp_path)
+  config = _config()
+  config.attribution.crop = "tiles"
+  with pytest.raises(ValueError, match="receptive_field"):
+    run.attribute(config, trained)

@@ -1,0 +1,165 @@
+"""`--mode=attribute`: integrated gradients of a trained model's decisions, by outcome, and their attribution fields.
+
+For each image of `config.attribution.split` the latest checkpoint predicts membrane as --mode=predict does (sliding
+window, the run's threshold and post-processing); target pixels are drawn from its true positives, false positives
+and false negatives against the ground truth; integrated gradients attribute each target's logit to the input
+pixels (over a window holding the model's receptive field); and the attribution fields S_k summarize how much of the
+image each decision draws on.
+
+Outputs under workdir/attribution/:
+  stats.json            S_k statistics of the dataset over config.attribution.k_grid, overall and per outcome
+  targets.json          one entry per target: image, y, x, outcome, logit, baseline_logit, completeness gaps, S_k
+  figure8_<image>.png   image, prediction, annotation and attribution maps of the image's targets
+  figure7b_sk.png       mean S_k +- s.e. against k per outcome
+"""
+
+import pathlib
+
+import numpy as np
+from tqdm import tqdm
+
+from urisc_jax import outputs, predict, state
+from urisc_jax.attribution import fields, figures, receptive_field
+from urisc_jax.attribution import integrated_gradients as ig
+from urisc_jax.data import dataset
+
+CROPS = ("receptive_field", "none")
+SPLITS = ("train", "val", "test")
+# Attribution maps drawn per outcome and image in a Figure-8 panel.
+FIGURE_TARGETS_PER_OUTCOME = 2
+
+
+def _split_name(config) -> str:
+  split = config.attribution.split
+  if split not in SPLITS:
+    raise ValueError(f"config.attribution.split={split!r}: choose one of {', '.join(SPLITS)}.")
+  return getattr(config.data, f"{split}_split")
+
+
+def _check_config(cfg) -> None:
+  if cfg.crop not in CROPS:
+    raise ValueError(f"config.attribution.crop={cfg.crop!r}: choose one of {', '.join(CROPS)}.")
+  if cfg.baseline not in ig.BASELINES:
+    raise ValueError(f"config.attribution.baseline={cfg.baseline!r}: choose one of {', '.join(ig.BASELINES)}.")
+  ig.quadrature(cfg.method, cfg.steps)  # raises on a bad method or step count
+  if not cfg.num_targets > 0:
+    raise ValueError(f"config.attribution.num_targets must be positive, got {cfg.num_targets}.")
+
+
+def _threshold(config, workdir: pathlib.Path, step: int) -> float:
+  """The probability threshold that turns the model's output into membrane, as --mode=predict chooses it."""
+  if config.predict.threshold is not None:
+    return float(config.predict.threshold)
+  stored = predict.stored_threshold(workdir, step)
+  return 0.5 if stored is None else float(stored)
+
+
+def _completeness_summary(entries: list[dict]) -> dict:
+  gaps = np.abs([e["completeness_gap"] for e in entries])
+  relative = np.abs([e["completeness_gap_rel"] for e in entries], dtype=np.float64)
+  finite = relative[np.isfinite(relative)]
+  return {"max_abs_gap": float(gaps.max()), "mean_abs_gap": float(gaps.mean()),
+          "max_abs_gap_rel": float(finite.max()) if finite.size else None,
+          "median_abs_gap_rel": float(np.median(finite)) if finite.size else None}
+
+
+def attribute(config, workdir: str | pathlib.Path) -> dict:
+  """Runs the attribution study of a trained run and writes workdir/attribution/ (see the module docstring).
+
+  Args:
+    config: the run's config (config.attribution, config.data, config.model, config.predict).
+    workdir: the trained run's folder (with checkpoints/).
+
+  Returns:
+    A summary: numbers of images and targets, the settings, mean S_k (nm^2) at each k, the completeness gaps and
+    the output folder. The full statistics are in stats.json.
+  """
+  workdir = pathlib.Path(workdir)
+  cfg = config.attribution
+  _check_config(cfg)
+  out_dir = workdir / "attribution"
+  model = state.build_model(config.model)
+  variables, step, meta = predict.restore_variables(config, workdir, model)
+  if meta.get("normalization"):  # The input normalization the model was trained with.
+    config.data.mean, config.data.std = meta["normalization"]["mean"], meta["normalization"]["std"]
+  mean, std = float(config.data.mean), float(config.data.std)
+  split = _split_name(config)
+  images = dataset.prepared_split(config.data, workdir, split)
+  if not images:
+    raise ValueError(f"No images in split {split!r} of the configured dataset: nothing to attribute.")
+  threshold = _threshold(config, workdir, step)
+  forward = predict.tile_forward(config, model, variables)
+  logit_fn = ig.ModelLogits(model)
+  radius = receptive_field.model_receptive_field_radius(model) if cfg.crop == "receptive_field" else None
+  k_grid = [float(k) for k in cfg.k_grid]
+
+  # Predict every image and draw its targets first, so that the progress bar knows the total. Only the targets and
+  # the predicted mask (one bit per pixel) are kept: a U-RISC image is 100 Mpixel.
+  plans = []
+  for index, im in enumerate(tqdm(images, desc="predict", unit="image", leave=False)):
+    probability = predict.probabilities(forward, np.asarray(im.image()), config.predict)
+    predicted = predict.membrane_mask(probability, threshold, config.predict)
+    targets = fields.sample_targets(predicted, np.asarray(im.label()) > 0, cfg.num_targets, seed=(cfg.seed, index),
+                                    border=cfg.border)
+    plans.append((index, im, np.packbits(predicted), targets, [float(probability[t.row, t.col]) for t in targets]))
+    del probability, predicted
+
+  entries, areas = [], []
+  with tqdm(total=sum(len(p[3]) for p in plans), desc="attribute", unit="pixel") as bar:
+    for index, im, packed_prediction, targets, target_probabilities in plans:
+      image = im.image()
+      target_of = {(t.row, t.col): (t, p) for t, p in zip(targets, target_probabilities)}
+      panels, drawn = [], {o: 0 for o in fields.OUTCOMES}
+      results = ig.iter_attributions(
+          logit_fn, variables, image, [(t.row, t.col) for t in targets], mean=mean, std=std, baseline=cfg.baseline,
+          radius=radius, steps=cfg.steps, method=cfg.method, chunk_size=cfg.chunk_size,
+          targets_per_pass=cfg.targets_per_pass, seed=(cfg.seed, index), blur_sigma=cfg.blur_sigma)
+      for result in results:
+        maps = result.maps
+        target_areas = fields.field_areas(maps, k_grid, pixel_nm=cfg.pixel_nm)
+        normalized = fields.normalize_attributions(maps)
+        for i, (row, col) in enumerate(result.targets.tolist()):
+          target, probability = target_of[(row, col)]
+          entries.append({
+              "image": im.name, "y": row, "x": col, "outcome": target.outcome, "probability": probability,
+              "logit": float(result.logits[i]), "baseline_logit": float(result.baseline_logits[i]),
+              "completeness_gap": float(result.completeness_gap[i]),
+              "completeness_gap_rel": float(result.completeness_gap_rel[i]),
+              "s_k_nm2": target_areas[i].tolist(),
+              "window": {"top": result.origin[0], "left": result.origin[1], "height": int(maps.shape[1]),
+                         "width": int(maps.shape[2])}})
+          areas.append(target_areas[i])
+          if drawn[target.outcome] < FIGURE_TARGETS_PER_OUTCOME:
+            drawn[target.outcome] += 1
+            panels.append({"row": row, "col": col, "outcome": target.outcome, "map": normalized[i],
+                           "origin": result.origin})
+        bar.update(len(result.targets))
+      predicted = np.unpackbits(packed_prediction, count=int(np.prod(im.shape))).reshape(im.shape).astype(bool)
+      figures.plot_figure8(out_dir / f"figure8_{im.name}.png", image, predicted, np.asarray(im.label()) > 0,
+                           sorted(panels, key=lambda p: fields.OUTCOMES.index(p["outcome"])),
+                           title=f"{im.name}: integrated gradients ({cfg.steps} steps, {cfg.baseline} baseline)")
+
+  dataset_name = f"{config.data.source}:{config.data.track}/{split}"
+  if not entries:
+    raise ValueError(f"No target pixels in {dataset_name}: the predictions and annotations have no true positive, "
+                     "false positive or false negative pixels (away from config.attribution.border).")
+  image_pixels = {im.name: int(np.prod(im.shape)) for im in images}
+  stats = fields.field_statistics(np.stack(areas), [e["outcome"] for e in entries], k_grid, pixel_nm=cfg.pixel_nm,
+                                  image_pixels=[image_pixels[e["image"]] for e in entries])
+  stats.update({
+      "dataset": dataset_name, "checkpoint_step": step, "num_images": len(images), "threshold": threshold,
+      "steps": cfg.steps, "method": cfg.method, "baseline": cfg.baseline, "crop": cfg.crop,
+      "receptive_field_radius": radius, "completeness": _completeness_summary(entries)})
+  outputs.write_json(out_dir / "stats.json", stats)
+  outputs.write_json(out_dir / "targets.json", {"dataset": dataset_name, "k_grid": k_grid, "targets": entries})
+  series = {fields.OUTCOME_LABELS[o]: stats["outcomes"][o] for o in fields.OUTCOMES if o in stats["outcomes"]}
+  colours = {fields.OUTCOME_LABELS[o]: figures.OUTCOME_COLOURS[o] for o in fields.OUTCOMES}
+  figures.plot_field_curves(out_dir / "figure7b_sk.png", series, k_grid, colours=colours,
+                            title=f"Attribution fields by outcome, {dataset_name}")
+  overall = stats["outcomes"]["all"]
+  return {
+      "dataset": dataset_name, "num_images": len(images), "num_targets": len(entries), "steps": cfg.steps,
+      "method": cfg.method, "baseline": cfg.baseline, "receptive_field_radius": radius,
+      "mean_s_k_nm2": {f"k={k:g}": mean for k, mean in zip(k_grid, overall["mean_nm2"])},
+      "completeness": stats["completeness"], "output_dir": str(out_dir),
+  }
