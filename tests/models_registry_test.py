@@ -50,3 +50,12 @@ def test_random_variables_follow_the_abstract_tree():
 
 def test_dtype_may_be_given_as_a_string():
   assert models.build("unet", dtype="bfloat16").dtype == jnp.bfloat16
+
+
+def test_input_multiple_is_what_the_model_checks():
+  for name in models.available():
+    multiple = models.input_multiple(name)
+    model = models.build(name, width=0.125) if name != "casenet" else models.build(name, encoder="resnet18",
+                                                                                  width=0.125)
+    with pytest.raises(ValueError, match=str(multiple)):
+      jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jnp.zeros((1, multiple * 3 + multiple // 2, 64, 1)))

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from urisc_jax import checkpoint, losses, optim, outputs, predict, run_log, sharding
+from urisc_jax import checkpoint, losses, models, optim, outputs, predict, run_log, sharding
 from urisc_jax.data import dataset, pipeline
 from urisc_jax.data.normalize import normalize
 from urisc_jax.data.prepare import PreparedImage
@@ -131,6 +131,7 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
   """
   workdir = pathlib.Path(workdir)
   mesh = sharding.mesh_from_config(config.mesh)
+  sharding.check_spatial_split(mesh, config.data.crop_size, stride=models.input_multiple(config.model.name))
   num_steps = config.train.num_steps
   global_batch = config.train.batch_size
   if global_batch % sharding.data_parallel_size(mesh):

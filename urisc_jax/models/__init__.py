@@ -89,6 +89,15 @@ def build(name: str, **overrides: Any) -> nn.Module:
   return cls(**overrides)
 
 
+def input_multiple(name: str) -> int:
+  """What the input height and width of model `name` must be multiples of (32 for ResNet U-Net / LinkNet, 16 for
+  the plain U-Net, 8 for CASENet): the deepest feature map has H / input_multiple rows."""
+  valid = available()
+  if name not in valid:
+    raise ValueError(f"unknown model {name!r}; valid models: {', '.join(valid)}")
+  return importlib.import_module(f"{__name__}.{name}").INPUT_MULTIPLE
+
+
 def count_params(tree: Any) -> int:
   """Number of scalars in a params tree (arrays or jax.ShapeDtypeStruct leaves).
 

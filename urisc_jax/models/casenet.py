@@ -119,7 +119,7 @@ class CASENet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.variant not in VARIANTS:
       raise ValueError(f"unknown CASENet variant {self.variant!r}; valid variants: {', '.join(VARIANTS)}")
-    layers.check_spatial_size(x, 8, f"CASENet-{self.encoder}")
+    layers.check_spatial_size(x, INPUT_MULTIPLE, f"CASENet-{self.encoder}")
     height, width = x.shape[1], x.shape[2]
     features = resnet.ResNet(
         self.encoder, self.in_channels, self.width, stem_stride=1, deep_stem=self.variant == "urisc",
@@ -145,4 +145,6 @@ class CASENet(nn.Module):
     return fused.astype(jnp.float32)
 
 
+# Input height and width must be multiples of this: the deepest feature map has H / 8 rows.
+INPUT_MULTIPLE = 8
 MODEL_CLASS = CASENet

@@ -79,18 +79,23 @@ class BatchNorm(nn.Module):
     running_var = self.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
     if train:
       axes = tuple(range(x.ndim - 1))
-      x32 = x.astype(jnp.float32)
-      mean = jnp.mean(x32, axes)
+      # float32 statistics for float32 and bfloat16 models, float64 for float64 ones.
+      xs = x.astype(jnp.promote_types(self.dtype, jnp.float32))
+      mean = jnp.mean(xs, axes)
       # One pass over the data for both moments (Flax's default); clipped because rounding can make it negative.
-      var = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(mean), 0.0)
+      var = jnp.maximum(jnp.mean(jnp.square(xs), axes) - jnp.square(mean), 0.0)
       if not self.is_initializing():
         count = x.size // channels
         unbiased_var = var * (count / max(count - 1, 1))
-        running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
-        running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased_var
+        # Stored in the variables' dtype (float32), whatever the statistics were computed in.
+        running_mean.value = ((1 - self.momentum) * running_mean.value + self.momentum * mean).astype(
+            running_mean.value.dtype)
+        running_var.value = ((1 - self.momentum) * running_var.value + self.momentum * unbiased_var).astype(
+            running_var.value.dtype)
     else:
       mean, var = running_mean.value, running_var.value
-    # Fold into one multiply-add per element: y = x * a + b with a, b computed once per channel in float32.
+    # Fold into one multiply-add per element: y = x * a + b with a, b computed once per channel in float32 (float64
+    # for float64 models).
     multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
     offset = bias - mean * multiplier
     return x * multiplier.astype(self.dtype) + offset.astype(self.dtype)

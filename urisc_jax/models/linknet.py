@@ -77,7 +77,7 @@ class LinkNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    layers.check_spatial_size(x, 32, f"LinkNet-{self.encoder}")
+    layers.check_spatial_size(x, INPUT_MULTIPLE, f"LinkNet-{self.encoder}")
     features = resnet.ResNet(self.encoder, self.in_channels, self.width, dtype=self.dtype, name="encoder")(x, train)
     x = LinkNetDecoder(layers.scaled_channels(self.prefinal_channels, self.width), dtype=self.dtype,
                        name="decoder")(features, train)
@@ -86,4 +86,6 @@ class LinkNet(nn.Module):
     return x.astype(jnp.float32)
 
 
+# Input height and width must be multiples of this: the deepest feature map has H / 32 rows.
+INPUT_MULTIPLE = 32
 MODEL_CLASS = LinkNet

@@ -106,7 +106,7 @@ class PlainUNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    layers.check_spatial_size(x, 16, "plain U-Net")
+    layers.check_spatial_size(x, INPUT_MULTIPLE, "plain U-Net")
     if x.shape[-1] != self.in_channels:
       raise ValueError(f"plain U-Net built for {self.in_channels} input channels got an input of shape {x.shape}")
     channels = tuple(layers.scaled_channels(c, self.width) for c in LEVEL_CHANNELS)
@@ -118,4 +118,6 @@ class PlainUNet(nn.Module):
     return x.astype(jnp.float32)
 
 
+# Input height and width must be multiples of this: the deepest feature map has H / 16 rows.
+INPUT_MULTIPLE = 16
 MODEL_CLASS = PlainUNet

@@ -73,7 +73,7 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    layers.check_spatial_size(x, 32, f"U-Net-{self.encoder}")
+    layers.check_spatial_size(x, INPUT_MULTIPLE, f"U-Net-{self.encoder}")
     features = resnet.ResNet(self.encoder, self.in_channels, self.width, dtype=self.dtype, name="encoder")(x, train)
     channels = [layers.scaled_channels(c, self.width) for c in self.decoder_channels]
     x = UNetDecoder(channels, dtype=self.dtype, name="decoder")(features, train)
@@ -82,4 +82,6 @@ class UNet(nn.Module):
     return x.astype(jnp.float32)
 
 
+# Input height and width must be multiples of this: the deepest feature map has H / 32 rows.
+INPUT_MULTIPLE = 32
 MODEL_CLASS = UNet
