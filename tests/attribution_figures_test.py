@@ -51,3 +51,14 @@ def test_field_curves_and_dataset_comparison(tmp_path):
   with pytest.raises(ValueError, match="k_grid"):
     figures.plot_dataset_comparison(tmp_path / "bad.png", [urisc, _stats("other", 1.0, k_grid=(0.01, 0.1))])
   assert not (tmp_path / "bad.png").exists()
+
+
+def test_heatmaps_zoom_to_where_the_attribution_is():
+  field = np.zeros((300, 400), np.float32)
+  field[140:160, 200:230] = 0.5  # the attribution around a target at (150, 215)
+  field[10, 10] = 0.005  # below the level: ignored
+  (row_lo, row_hi), (col_lo, col_hi) = figures.zoom_window(field, (150, 215), min_size=16)
+  assert row_lo <= 140 and row_hi >= 160 and col_lo <= 200 and col_hi >= 230
+  assert row_lo > 100 and col_lo > 150  # the tiny far-away value does not stretch the view
+  (row_lo, row_hi), (col_lo, col_hi) = figures.zoom_window(np.zeros((300, 400)), (5, 395), min_size=64)
+  assert (row_lo, col_hi) == (0, 400) and row_hi - row_lo >= 32 and col_hi - col_lo >= 32  # clipped at the border

@@ -2,7 +2,8 @@
 
 * `plot_figure8`: the paper's Figure 8 for one image: the image, the prediction and the annotation with each target
   pixel boxed in its outcome's colour, then the normalized attribution map of sampled targets (diverging colormap,
-  symmetric limits [-1, 1]: red pushes the logit towards membrane, blue away from it).
+  symmetric limits [-1, 1] on a symmetric log scale, each map zoomed to where |w| > 0.01: red pushes the logit
+  towards membrane, blue away from it).
 * `plot_field_curves`: the paper's Figure 7B: mean S_k +- s.e. against k for several series (two datasets, or the
   outcomes of one).
 
@@ -14,6 +15,7 @@ import pathlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -47,6 +49,30 @@ def _reduced(array: np.ndarray, step: int, *, any_of: bool) -> np.ndarray:
   padded[:height, :width] = array
   blocks = padded.reshape(rows, step, cols, step)
   return blocks.max(axis=(1, 3)) if any_of else blocks.mean(axis=(1, 3))
+
+
+# Most of a normalized field is far below 1: a symmetric log scale (linear within +-LINEAR_BELOW) shows where the
+# weak but widespread attribution that S_k counts at small k lies.
+LINEAR_BELOW = 0.01
+_ATTRIBUTION_NORM = SymLogNorm(linthresh=LINEAR_BELOW, vmin=-1.0, vmax=1.0, base=10)
+
+
+def zoom_window(field: np.ndarray, target: tuple[int, int], *, level: float = LINEAR_BELOW, margin: float = 0.25,
+                min_size: int = 64) -> tuple[tuple[int, int], tuple[int, int]]:
+  """The part of a heatmap worth showing: the box around the target that holds every |w| > `level`, grown by
+  `margin` of its size, at least `min_size` px, clipped to the field.
+
+  Returns:
+    ((row_start, row_stop), (col_start, col_stop)) in the field's coordinates.
+  """
+  rows, cols = np.nonzero(np.abs(field) > level)
+  spans = []
+  for axis, (found, centre) in enumerate(((rows, target[0]), (cols, target[1]))):
+    lo, hi = (min(found.min(), centre), max(found.max(), centre) + 1) if found.size else (centre, centre + 1)
+    grow = max((hi - lo) * margin, (min_size - (hi - lo)) / 2, 0)
+    lo, hi = int(max(0, np.floor(lo - grow))), int(min(field.shape[axis], np.ceil(hi + grow)))
+    spans.append((lo, hi))
+  return spans[0], spans[1]
 
 
 def plot_figure8(path: str | pathlib.Path, image: np.ndarray, predicted: np.ndarray, truth: np.ndarray,
@@ -96,8 +122,12 @@ def plot_figure8(path: str | pathlib.Path, image: np.ndarray, predicted: np.ndar
     field = np.asarray(panel["map"], np.float32)
     top, left = panel["origin"]
     extent = (left - 0.5, left + field.shape[1] - 0.5, top + field.shape[0] - 0.5, top - 0.5)
-    mappable = ax.imshow(field, cmap=ATTRIBUTION_CMAP, vmin=-1.0, vmax=1.0, extent=extent, interpolation="nearest")
-    _box(ax, panel["row"], panel["col"], box, panel["outcome"])
+    mappable = ax.imshow(field, cmap=ATTRIBUTION_CMAP, norm=_ATTRIBUTION_NORM, extent=extent,
+                         interpolation="nearest")
+    (row_lo, row_hi), (col_lo, col_hi) = zoom_window(field, (panel["row"] - top, panel["col"] - left))
+    ax.set_xlim(left + col_lo - 0.5, left + col_hi - 0.5)
+    ax.set_ylim(top + row_hi - 0.5, top + row_lo - 0.5)
+    _box(ax, panel["row"], panel["col"], max(3.0, (row_hi - row_lo) / 40), panel["outcome"])
     colour = OUTCOME_COLOURS.get(panel["outcome"], "black")
     for spine in ax.spines.values():
       spine.set_edgecolor(colour)
@@ -108,7 +138,7 @@ def plot_figure8(path: str | pathlib.Path, image: np.ndarray, predicted: np.ndar
   for ax in heat_axes[len(panels):]:
     ax.axis("off")
   if mappable is not None:
-    fig.colorbar(mappable, ax=list(heat_axes[:len(panels)]), shrink=0.8, label="normalized attribution")
+    fig.colorbar(mappable, ax=list(heat_axes[:len(panels)]), shrink=0.8, label="normalized attribution (symmetric log scale)")
   if title:
     fig.suptitle(title)
   return _save(fig, path, dpi)

@@ -139,7 +139,9 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
                            sorted(panels, key=lambda p: fields.OUTCOMES.index(p["outcome"])),
                            title=f"{im.name}: integrated gradients ({cfg.steps} steps, {cfg.baseline} baseline)")
 
-  dataset_name = f"{config.data.source}:{config.data.track}/{split}"
+  # The U-RISC track only means something for release-layout sources.
+  where = f"{config.data.track}/{split}" if config.data.source in ("synthetic", "urisc") else split
+  dataset_name = f"{config.data.source}:{where}"
   if not entries:
     raise ValueError(f"No target pixels in {dataset_name}: the predictions and annotations have no true positive, "
                      "false positive or false negative pixels (away from config.attribution.border).")
