@@ -40,12 +40,13 @@ import resource
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from benchmarks.json_lines import emit, log, run_and_collect
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NARROW = dict(encoder="resnet18", width=0.125)
@@ -74,14 +75,6 @@ class Run:
 
 def display_name(model: str) -> str:
   return f"unet_{NARROW['encoder']}_w{NARROW['width']:g}" if model == "narrow" else model
-
-
-def emit(record: dict) -> None:
-  print(json.dumps(record), flush=True)
-
-
-def log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
 
 
 def peak_rss_gib() -> float:
@@ -173,27 +166,15 @@ def run_worker(run: Run, tmp: pathlib.Path) -> list[dict]:
   log(f"measuring {run}")
   command = [sys.executable, "-m", "benchmarks.predict", "--worker", json.dumps(dataclasses.asdict(run)),
              "--tmpdir", str(workdir)]
-  records = _json_lines_of(command, what=f"the measurement {run}", cwd=REPO_ROOT)
+  records = run_and_collect(command, what=f"the measurement {run}", cwd=REPO_ROOT)
   (workdir / "logits.npy").unlink(missing_ok=True)
-  return records
-
-
-def _json_lines_of(command: list[str], *, what: str, cwd=None) -> list[dict]:
-  """Runs `command`, re-emits and returns the JSON objects it printed one per line; fails loudly on a non-zero exit."""
-  proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
-  if proc.returncode:
-    log(proc.stderr[-4000:])
-    raise RuntimeError(f"{what} failed with exit status {proc.returncode}")
-  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  for record in records:
-    emit(record)
   return records
 
 
 def run_peer(command: str) -> float:
   """Runs the peer's window benchmark; returns its Mpix/s."""
   log(f"measuring the peer: {command}")
-  records = _json_lines_of(shlex.split(command), what=f"the peer command {command!r}")
+  records = run_and_collect(shlex.split(command), what=f"the peer command {command!r}")
   return next(r["value"] for r in records if r["metric"] == "mpix_per_s")
 
 

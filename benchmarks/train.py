@@ -17,9 +17,7 @@ with a peer, {"bench": "train_vs_peer", "metric": "speedup", "value": ours / pee
 """
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import time
 
@@ -28,20 +26,13 @@ import numpy as np
 import optax
 
 from benchmarks import models as model_bench
+from benchmarks.json_lines import emit, log, run_and_collect
 from urisc_jax import losses, models, train
 from urisc_jax.state import TrainState
 
 # Our model name -> the peer's --model / --encoder (models the peer lacks are measured alone).
 PEER_MODELS = {"unet_resnet50": ("unet", "resnet50"), "linknet_resnet18": ("linknet", "resnet18"),
                "unet_resnet18": ("unet", "resnet18"), "linknet_resnet50": ("linknet", "resnet50")}
-
-
-def emit(record: dict) -> None:
-  print(json.dumps(record), flush=True)
-
-
-def log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
 
 
 def measure(model_name: str, size: int, batch: int, repeats: int, dtype: str = "float32") -> list[dict]:
@@ -78,18 +69,6 @@ def measure(model_name: str, size: int, batch: int, repeats: int, dtype: str = "
   ]
 
 
-def _json_lines_of(command: list[str]) -> list[dict]:
-  """Runs `command` and returns (and re-emits) the JSON objects it prints one per line; fails loudly."""
-  proc = subprocess.run(command, capture_output=True, text=True, check=False)
-  if proc.returncode:
-    log(proc.stderr[-4000:])
-    raise RuntimeError(f"{' '.join(command)} failed with exit status {proc.returncode}")
-  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  for record in records:
-    emit(record)
-  return records
-
-
 def _mpix(records: list[dict]) -> float:
   return next(r["value"] for r in records if r["metric"] == "mpix_per_s")
 
@@ -97,14 +76,14 @@ def _mpix(records: list[dict]) -> float:
 def ours(args, model_name: str, size: int) -> float:
   command = [sys.executable, "-m", "benchmarks.train", "--worker", f"--models={model_name}", f"--sizes={size}",
              f"--batch={args.batch}", f"--repeats={args.repeats}", f"--dtype={args.dtype}"]
-  return _mpix(_json_lines_of(command))
+  return _mpix(run_and_collect(command, what=" ".join(command)))
 
 
 def peer(args, model_name: str, size: int) -> float:
   family, encoder = PEER_MODELS[model_name]
   command = [args.peer_python, args.peer_script, "train", "--model", family, "--encoder", encoder,
              "--size", str(size), "--batch", str(args.batch), "--warmup", "1", "--iters", str(args.repeats)]
-  return _mpix(_json_lines_of(command))
+  return _mpix(run_and_collect(command, what=" ".join(command)))
 
 
 def parse_args(argv=None):
