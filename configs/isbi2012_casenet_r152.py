@@ -4,7 +4,7 @@
         --config.data.root=PATH/TO/isbi2012
 
 PATH/TO/isbi2012 holds train-volume.tif and train-labels.tif, or train/images/NN.png and train/labels/NN.png.
-Shared settings and how each number is computed: configs/isbi2012_common.py. Cost on 2 idle CPU cores: COST.
+Shared settings and how each number is computed: configs/isbi2012_common.py. Cost on 2 idle CPU cores: not measured yet.
 """
 
 from configs import isbi2012_common
