@@ -202,6 +202,15 @@ def stored_threshold(workdir: pathlib.Path, step: int) -> float | None:
   return stored["threshold"] if stored.get("step") == step else None
 
 
+def decision_threshold(config, workdir: pathlib.Path, step: int) -> float:
+  """The probability threshold that turns checkpoint `step`'s output into membrane: config.predict.threshold if set,
+  else the one chosen on validation images for that step, else 0.5."""
+  if config.predict.threshold is not None:
+    return float(config.predict.threshold)
+  stored = stored_threshold(workdir, step)
+  return 0.5 if stored is None else float(stored)
+
+
 def predict_files(config, workdir: pathlib.Path) -> list[pathlib.Path]:
   """`--mode=predict`: the latest checkpoint predicts `config.predict.input` (an image or a folder of images)."""
   workdir = pathlib.Path(workdir)
@@ -211,11 +220,7 @@ def predict_files(config, workdir: pathlib.Path) -> list[pathlib.Path]:
   variables, step, meta = restore_variables(config, workdir, model)
   if meta.get("normalization"):  # The input normalization the model was trained with.
     config.data.mean, config.data.std = meta["normalization"]["mean"], meta["normalization"]["std"]
-  threshold = config.predict.threshold
-  if threshold is None:
-    threshold = stored_threshold(workdir, step)
-  if threshold is None:
-    threshold = 0.5
+  threshold = decision_threshold(config, workdir, step)
   forward = tile_forward(config, model, variables)
   out_dir = pathlib.Path(config.predict.output or workdir / "predictions")
   written = []

@@ -46,14 +46,6 @@ def _check_config(cfg) -> None:
     raise ValueError(f"config.attribution.num_targets must be positive, got {cfg.num_targets}.")
 
 
-def _threshold(config, workdir: pathlib.Path, step: int) -> float:
-  """The probability threshold that turns the model's output into membrane, as --mode=predict chooses it."""
-  if config.predict.threshold is not None:
-    return float(config.predict.threshold)
-  stored = predict.stored_threshold(workdir, step)
-  return 0.5 if stored is None else float(stored)
-
-
 def _completeness_summary(entries: list[dict]) -> dict:
   gaps = np.abs([e["completeness_gap"] for e in entries])
   relative = np.abs([e["completeness_gap_rel"] for e in entries], dtype=np.float64)
@@ -87,7 +79,7 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
   images = dataset.prepared_split(config.data, workdir, split)
   if not images:
     raise ValueError(f"No images in split {split!r} of the configured dataset: nothing to attribute.")
-  threshold = _threshold(config, workdir, step)
+  threshold = predict.decision_threshold(config, workdir, step)
   forward = predict.tile_forward(config, model, variables)
   logit_fn = ig.ModelLogits(model)
   radius = receptive_field.model_receptive_field_radius(model) if cfg.crop == "receptive_field" else None
