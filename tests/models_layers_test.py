@@ -23,7 +23,10 @@ def _numpy_conv_transpose(x, weight, bias, stride, padding):
   return full[padding:padding + out_h, padding:padding + out_w] + bias
 
 
-@pytest.mark.parametrize("kernel_size,stride,padding", [(4, 2, 1), (8, 4, 2), (3, 1, 1)])
+# (4, 2, 1), (2, 2, 0), (8, 4, 2), (16, 8, 4) run as output phases (k - 2p = stride); (3, 1, 1), (3, 2, 1), (6, 3, 0)
+# as a dilated convolution.
+@pytest.mark.parametrize("kernel_size,stride,padding",
+                         [(4, 2, 1), (2, 2, 0), (8, 4, 2), (16, 8, 4), (3, 1, 1), (3, 2, 1), (6, 3, 0)])
 def test_conv_transpose_matches_torch_definition(kernel_size, stride, padding):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(5, 6, 3)).astype(np.float32)
@@ -46,6 +49,58 @@ def test_grouped_conv_transpose_is_per_channel():
   for c in range(3):
     want = _numpy_conv_transpose(x[..., c:c + 1], weight[c:c + 1], np.zeros(1), 2, 1)
     np.testing.assert_allclose(got[..., c:c + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_conv_transpose_with_several_outputs_per_group():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(3, 5, 4)).astype(np.float32)
+  weight = rng.normal(size=(4, 3, 4, 4)).astype(np.float32)  # groups = 2: inputs 0-1 -> outputs 0-2, 2-3 -> 3-5
+  module = layers.ConvTranspose2d(6, kernel_size=4, stride=2, padding=1, groups=2, use_bias=False)
+  # torch [Cin, Cout / groups, k, k] -> [k, k, Cin / groups, Cout], the groups' outputs side by side.
+  kernel = weight.reshape(2, 2, 3, 4, 4).transpose(3, 4, 1, 0, 2).reshape(4, 4, 2, 6)
+  got = module.apply({"params": {"kernel": jnp.asarray(kernel)}}, x[None])[0]
+  for group in range(2):
+    ins, outs = slice(2 * group, 2 * group + 2), slice(3 * group, 3 * group + 3)
+    want = _numpy_conv_transpose(x[..., ins], weight[ins], np.zeros(3), 2, 1)
+    np.testing.assert_allclose(got[..., outs], want, rtol=1e-5, atol=1e-5)
+
+
+def _dilated_conv_transpose(x, kernel, stride, padding, groups):
+  """The textbook form: a correlation of the stride-dilated input with the flipped kernel."""
+  edge = kernel.shape[0] - 1 - padding
+  return jax.lax.conv_general_dilated(x, kernel[::-1, ::-1], (1, 1), ((edge, edge), (edge, edge)),
+                                      lhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=groups)
+
+
+@pytest.mark.parametrize("kernel_size,stride,padding,groups", [(4, 2, 1, 1), (2, 2, 0, 1), (8, 4, 2, 2)])
+def test_phase_conv_transpose_gradients_equal_the_dilated_forms(kernel_size, stride, padding, groups):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 4, 5, 4)))
+  kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 4 // groups, 6)))
+  cotangent = jnp.asarray(rng.normal(size=(2, 4 * stride, 5 * stride, 6)))
+
+  def grads(fn):
+    return jax.grad(lambda x, k: jnp.vdot(fn(x, k, stride, padding, groups), cotangent), argnums=(0, 1))(x, kernel)
+
+  for got, want in zip(grads(layers.conv_transpose2d), grads(_dilated_conv_transpose)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride,groups", [(1, 1), (2, 1), (1, 4), (2, 2)])
+def test_1x1_conv_is_the_per_pixel_matrix_product(stride, groups):
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(2, 5, 7, 8)).astype(np.float32)
+  kernel = rng.normal(size=(1, 1, 8 // groups, 12)).astype(np.float32)
+  got = layers.conv2d(jnp.asarray(x), jnp.asarray(kernel), stride, groups=groups)
+  # torch's definition: output (y, x) reads input (stride * y, stride * x); group g maps its inputs to its outputs.
+  picked = x[:, ::stride, ::stride].reshape(x.shape[0], -(-5 // stride), -(-7 // stride), groups, 8 // groups)
+  weight = kernel[0, 0].reshape(8 // groups, groups, 12 // groups)
+  want = np.einsum("nhwgc,cgo->nhwgo", picked, weight).reshape(got.shape)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  lax_conv = jax.lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(kernel), (stride, stride), "VALID",
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+  np.testing.assert_allclose(got, lax_conv, rtol=1e-5, atol=1e-5)
 
 
 def test_strided_conv_pads_like_torch():

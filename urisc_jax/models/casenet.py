@@ -132,8 +132,8 @@ class CASENet(nn.Module):
       stacked = jnp.concatenate(
           [side5[..., None], jnp.broadcast_to(shared[..., None, :], side5.shape + (3,))], axis=-1)
       stacked = stacked.reshape(side5.shape[:-1] + (4 * k,))
-      fused = nn.Conv(k, (1, 1), feature_group_count=k, dtype=self.dtype, param_dtype=jnp.float32,
-                      kernel_init=nn.initializers.constant(0.25), name="fuse")(stacked)
+      fused = layers.Conv2d(k, 1, groups=k, use_bias=True, dtype=self.dtype,
+                            kernel_init=nn.initializers.constant(0.25), name="fuse")(stacked)
       sides = [side5]
     else:
       sides = URiscSides(k, dtype=self.dtype, name="sides")(features, height, width, train)
