@@ -14,9 +14,9 @@ def log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-def run_and_collect(command: list[str], *, what: str, cwd=None) -> list[dict]:
+def run_and_collect(command: list[str], *, what: str, cwd=None, env=None) -> list[dict]:
   """Runs `command`, re-emits and returns the JSON objects it printed one per line; fails loudly on a non-zero exit."""
-  proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
+  proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
   if proc.returncode:
     log(proc.stderr[-4000:])
     raise RuntimeError(f"{what} failed with exit status {proc.returncode}")
