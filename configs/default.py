@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Its stored `norms` then set the input normalization.
   config.transfer = ml_collections.ConfigDict()
   config.transfer.checkpoint = ""
+  config.transfer.required = False  # True: refuse to train without a checkpoint (configs/urisc_track1_unet_transfer.py)
 
   config.data = ml_collections.ConfigDict()
   # "synthetic" | "urisc" (a release folder at data.root) | "isbi" (ISBI 2012 stacks or slices at data.root) |

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from urisc_jax import state
+from urisc_jax import state, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-RUN_CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem not in ("__init__", "isbi2012_common"))
+RUN_CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem not in ("__init__", "isbi2012_common", "urisc_common"))
 
 
 @pytest.mark.parametrize("name", RUN_CONFIGS)
@@ -33,6 +33,25 @@ def test_isbi_configs_share_the_papers_split_and_scoring():
     config = importlib.import_module(f"configs.{name}").get_config()
     assert (config.data.source, config.data.isbi.train, config.data.isbi.test) == ("isbi", "0-19", "20-29")
     assert config.eval.two_class and config.attribution.pixel_nm == 4.0
+
+
+def test_urisc_configs_follow_the_paper():
+  for name in (n for n in RUN_CONFIGS if n.startswith("urisc_track")):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    track = "Track1" if name.startswith("urisc_track1") else "Track2"
+    assert (config.data.source, config.data.track) == ("urisc", track)
+    assert config.data.crop_size == (1024 if track == "Track1" else 512)
+    assert config.train.batch_size == 32 and config.optim.name == "adam"
+    assert (config.loss.name, config.loss.gamma, config.loss.dice_weight) == ("focal_dice", 2.0, 1.0)
+    if track == "Track2":
+      assert config.data.label_threshold == 122 and config.data.split.mode == "images"
+
+
+def test_transfer_config_refuses_to_train_without_its_checkpoint(tmp_path):
+  config = importlib.import_module("configs.urisc_track1_unet_transfer").get_config()
+  assert (config.model.name, config.model.encoder, config.model.width) == ("unet", "resnet50", 1.0)
+  with pytest.raises(ValueError, match="--config.transfer.checkpoint="):
+    train.train_and_evaluate(config, tmp_path)
 
 
 def test_isbi_config_runs_end_to_end_on_real_slices(shared_dir, tmp_path):

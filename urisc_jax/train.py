@@ -111,6 +111,14 @@ def validate(config, bind_forward, state: TrainState, val_images: list[PreparedI
   return predict.choose_threshold(forward, val_images, config)
 
 
+def check_transfer(config) -> None:
+  """Raises a ValueError when the config asks for pretrained encoder weights (transfer.required) but names none."""
+  if config.transfer.get("required", False) and not config.transfer.checkpoint:
+    raise ValueError("this config starts the encoder from pretrained weights: pass "
+                     "--config.transfer.checkpoint=PATH/TO/cem500k_mocov2_resnet50_200ep.pth.tar (CEM500K MoCoV2, "
+                     "Zenodo record 6453140) or another torchvision-style ResNet checkpoint")
+
+
 def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage],
           val_images: list[PreparedImage] | None = None, *, progress: bool = True) -> tuple[nn.Module, TrainState, dict]:
   """Trains for `config.train.num_steps` steps, resuming from `workdir/checkpoints` when a checkpoint exists.
@@ -130,6 +138,7 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
     (model, final state, summary dict with steps, seconds, throughput, and the last and best validation results).
   """
   workdir = pathlib.Path(workdir)
+  check_transfer(config)
   mesh = sharding.mesh_from_config(config.mesh)
   sharding.check_spatial_split(mesh, config.data.crop_size, stride=models.input_multiple(config.model.name))
   num_steps = config.train.num_steps
@@ -253,6 +262,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     The metrics dict written to metrics.json.
   """
   workdir = pathlib.Path(workdir)
+  check_transfer(config)
   started = time.perf_counter()
   splits = {name: dataset.prepared_split(config.data, workdir, getattr(config.data, f"{name}_split"))
             for name in ("train", "val", "test")}
