@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from urisc_jax import checkpoint
 
@@ -70,3 +71,15 @@ def test_best_checkpoint_keeps_only_the_highest_score_and_remembers_it(tmp_path)
   ckpt.close()
   assert meta == {"threshold": 0.4, "val_f1": 0.7, "step": 4}
   np.testing.assert_array_equal(restored["params"]["conv"]["kernel"], _state(4)["params"]["conv"]["kernel"])
+
+
+def test_restoring_into_another_model_names_the_checkpoint_and_the_fix(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
+  ckpt.save(2, _state(2))
+  ckpt.wait()
+  wider = _state(0)
+  wider["params"]["conv"]["kernel"] = jnp.zeros((3, 3, 1, 8))  # e.g. the config's width changed
+  wider["opt_state"] = optax.adam(1e-3).init(wider["params"])
+  with pytest.raises(ValueError, match=r"checkpoints/2 does not fit .* Use a new --workdir"):
+    ckpt.restore(2, wider)
+  ckpt.close()

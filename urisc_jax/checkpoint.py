@@ -52,12 +52,18 @@ class Checkpointer:
     Returns:
       (state, data, meta) as saved.
     """
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(target_state)),
-            data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+    try:
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(_abstract(target_state)),
+              data=ocp.args.JsonRestore(),
+              meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(
+          f"checkpoint {self.directory / str(step)} does not fit the model and optimizer of this config (was the "
+          f"model, its width or the optimizer changed since it was written?): {str(e).splitlines()[0]} Use a new "
+          f"--workdir for the new config, or delete {self.directory} to start this one over.") from e
     return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
 
   def restore_meta(self, step: int) -> dict:
