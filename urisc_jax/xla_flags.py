@@ -4,8 +4,9 @@ The pinned jaxlib (0.10.x) routes single convolutions on the CPU to YNNPACK. Its
 the wide, few-channel maps of segmentation networks: the gradient of a 3x3 convolution, a correlation of two
 full-resolution maps, took 2-4x its forward pass there, against about 2x with XLA's Eigen convolutions. Measured
 with `python -m benchmarks.train` at 1024^2, batch 2: the U-Net-ResNet50 step from 0.076 to 0.085 Mpix/s and the
-LinkNet-ResNet18 step from 0.209 to 0.255 Mpix/s; the 3x3 convolutions of the U-Net-ResNet50 step
-(forward, input and weight gradients, summed) from 17.5 s to 12.7 s. Other backends ignore the option.
+LinkNet-ResNet18 step from 0.209 to 0.255 Mpix/s; `python -m benchmarks.layers --parts=convolutions`: the 3x3 and
+7x7 convolutions of a U-Net-ResNet50 step, weight gradients 9.5 s -> 6.2 s, forward 3.8 s -> 3.5 s, input
+gradients 3.8 s -> 3.6 s. Other backends ignore the option.
 
 Nothing is changed where XLA_FLAGS already chooses the YNNPACK fusions, or for another jaxlib series (whose flag
 set may differ: XLA stops on a flag it does not know).
