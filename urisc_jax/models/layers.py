@@ -61,17 +61,27 @@ class Conv2d(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    in_channels = x.shape[-1]
-    if in_channels % self.groups or self.features % self.groups:
-      raise ValueError(f"Conv2d: channels {in_channels} -> {self.features} not divisible by groups {self.groups}")
-    k = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (k, k, in_channels // self.groups, self.features), jnp.float32)
-    pad = self.dilation * (k - 1) // 2
+    kernel = _grouped_kernel(self, x.shape[-1])
+    pad = self.dilation * (self.kernel_size - 1) // 2
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad, self.dilation, self.groups)
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
+    return _add_bias(self, y)
+
+
+def _grouped_kernel(module, in_channels: int) -> jax.Array:
+  """Declares a (grouped) convolution module's float32 'kernel' [k, k, in_channels / groups, features]."""
+  if in_channels % module.groups or module.features % module.groups:
+    raise ValueError(f"{type(module).__name__}: channels {in_channels} -> {module.features} not divisible by groups "
+                     f"{module.groups}")
+  k = module.kernel_size
+  return module.param("kernel", module.kernel_init, (k, k, in_channels // module.groups, module.features),
+                      jnp.float32)
+
+
+def _add_bias(module, y: jax.Array) -> jax.Array:
+  """y + the module's float32 'bias' [features] where it has `use_bias`, in the module's compute dtype."""
+  if not module.use_bias:
     return y
+  return y + module.param("bias", module.bias_init, (module.features,), jnp.float32).astype(module.dtype)
 
 
 def conv(features: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1, *, use_bias: bool = False,
@@ -210,19 +220,11 @@ class ConvTranspose2d(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    in_channels = x.shape[-1]
-    if in_channels % self.groups or self.features % self.groups:
-      raise ValueError(f"ConvTranspose2d: channels {in_channels} -> {self.features} not divisible by groups "
-                       f"{self.groups}")
-    k = self.kernel_size
-    if self.padding > k - 1:
-      raise ValueError(f"ConvTranspose2d: padding {self.padding} larger than kernel_size - 1 = {k - 1}")
-    kernel = self.param("kernel", self.kernel_init, (k, k, in_channels // self.groups, self.features), jnp.float32)
+    if self.padding > self.kernel_size - 1:
+      raise ValueError(f"ConvTranspose2d: padding {self.padding} larger than kernel_size - 1 = {self.kernel_size - 1}")
+    kernel = _grouped_kernel(self, x.shape[-1])
     y = conv_transpose2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding, self.groups)
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+    return _add_bias(self, y)
 
 
 def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
