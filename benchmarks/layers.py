@@ -19,9 +19,13 @@ import functools
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.json_lines import emit, log, run_and_collect
+from benchmarks.models import timed
+from urisc_jax.models import layers  # importing urisc_jax sets its XLA flags before jax computes anything
 
 # (layer, count in the model, input H = W at a 1024^2 crop, Cin, Cout, kernel, stride)
 UNET_R50_CONVOLUTIONS = [
@@ -48,15 +52,11 @@ YNNPACK_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=+individual_convo
 
 
 def _timed_ms(fn, *args, repeats: int) -> float:
-  from benchmarks.models import timed
   return round(timed(lambda: fn(*args), repeats) * 1e3, 2)
 
 
 def measure_convolutions(batch: int, repeats: int) -> None:
   """Worker: times forward, input gradient and weight gradient of each U-Net-R50 convolution in this process."""
-  import jax
-  import jax.numpy as jnp
-  from urisc_jax.models import layers
   rng = np.random.default_rng(0)
   totals = np.zeros(3)
   for layer, count, size, cin, cout, k, stride in UNET_R50_CONVOLUTIONS:
@@ -93,24 +93,14 @@ def compare_convolution_backends(args) -> None:
            for key in ("forward_ms", "input_gradient_ms", "weight_gradient_ms")}})
 
 
-def xla_conv_transpose(x, kernel, stride, padding):
-  import jax
-  edge = kernel.shape[0] - 1 - padding
-  return jax.lax.conv_general_dilated(x, kernel[::-1, ::-1], (1, 1), ((edge, edge), (edge, edge)),
-                                      lhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 def compare_transposed(batch: int, repeats: int) -> None:
   """Phase form vs dilated form of each upsampling: forward and forward + backward; both must agree."""
-  import jax
-  import jax.numpy as jnp
-  from urisc_jax.models import layers
   rng = np.random.default_rng(0)
   for layer, size, cin, cout, k, stride, padding in TRANSPOSED:
     x = jnp.asarray(rng.random((batch, size, size, cin), np.float32))
     kernel = jnp.asarray(rng.normal(size=(k, k, cin, cout)).astype(np.float32))
     times, outputs = {}, {}
-    for form, fn in (("dilated", xla_conv_transpose), ("phases", layers.conv_transpose2d)):
+    for form, fn in (("dilated", layers.dilated_conv_transpose2d), ("phases", layers.conv_transpose2d)):
       fn = functools.partial(fn, stride=stride, padding=padding)
       cotangent = jnp.ones(jax.eval_shape(fn, x, kernel).shape, jnp.float32)
       forward = jax.jit(fn)
