@@ -17,23 +17,18 @@ input is a random gray image and the baseline zeros, as the paper's.
 """
 
 import argparse
-import json
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.json_lines import emit, log
 from benchmarks.models import build_model, peak_gib
 from urisc_jax import models
 from urisc_jax.attribution import integrated_gradients as ig
 
 VARIANTS = ("chunked", "chunked_per_target", "loop")
-
-
-def log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
 
 
 def _targets(size: int, count: int, seed: int = 0) -> np.ndarray:
@@ -112,9 +107,8 @@ def main(argv=None) -> None:
     log(f"{variant}: {args.targets} targets x {args.steps} steps on {args.model} (width {args.width}), "
         f"{args.size} px ...")
     record = run_variant(variant, logit_fn, variables, x, baseline, targets, args)
-    print(json.dumps({"metric": "targets_per_s", "value": round(record.pop("targets_per_s"), 5),
-                      "unit": "target/s", **params, **{k: round(v, 5) for k, v in record.items()
-                                                       if isinstance(v, float)}, "variant": variant}), flush=True)
+    emit({"metric": "targets_per_s", "value": round(record.pop("targets_per_s"), 5), "unit": "target/s", **params,
+          **{k: round(v, 5) for k, v in record.items() if isinstance(v, float)}, "variant": variant})
 
 
 if __name__ == "__main__":
