@@ -103,6 +103,23 @@ def test_1x1_conv_is_the_per_pixel_matrix_product(stride, groups):
   np.testing.assert_allclose(got, lax_conv, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_1x1_conv_gradients_equal_the_convolutions(stride):
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 6, 5, 8)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(1, 1, 8, 3)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(2, -(-6 // stride), -(-5 // stride), 3)), jnp.float32)
+
+  def lax_conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def grads(fn):
+    return jax.grad(lambda x, k: jnp.vdot(fn(x, k), cotangent), argnums=(0, 1))(x, kernel)
+
+  for got, want in zip(grads(lambda x, k: layers.conv2d(x, k, stride)), grads(lax_conv)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_strided_conv_pads_like_torch():
   # torch pads a 7x7 stride-2 conv by 3 on every side, so the first output sees input rows/cols 0..3 (16 ones);
   # Flax 'SAME' would pad (2, 3) and see a 5x5 window (25 ones).

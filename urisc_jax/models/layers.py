@@ -38,9 +38,24 @@ def scaled_channels(channels: int, width: float) -> int:
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, dilation: int = 1,
            groups: int = 1) -> jax.Array:
   """torch's Conv2d(stride, padding, dilation, groups) on NHWC: x [N, H, W, Cin], kernel [k, k, Cin/groups, Cout]."""
+  if kernel.shape[:2] == (1, 1) and groups == 1 and padding == 0:
+    return _pixelwise_matmul(x[:, ::stride, ::stride], kernel[0, 0])
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
       rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def _pixelwise_matmul(x: jax.Array, matrix: jax.Array) -> jax.Array:
+  """A 1x1 convolution as one matrix product: x [N, H, W, Cin] @ matrix [Cin, Cout] -> [N, H, W, Cout].
+
+  Why not lax.conv: its weight gradient is a convolution with an H x W window whose operands XLA's CPU backend first
+  transposes (batch as the minor dimension), recomputing the elementwise producers (BatchNorm, ReLU, the residual
+  sums) inside each transpose. As a 2-D product, the weight gradient is x^T @ dy over the same row-major memory, which
+  the matrix kernels read without a copy: a U-Net-ResNet50 train step at 512^2 is about 10 % faster on CPU.
+  """
+  n, h, w, channels = x.shape
+  y = jax.lax.dot_general(x.reshape(n * h * w, channels), matrix, (((1,), (0,)), ((), ())))
+  return y.reshape(n, h, w, matrix.shape[1])
 
 
 class Conv2d(nn.Module):
