@@ -120,6 +120,42 @@ def test_1x1_conv_gradients_equal_the_convolutions(stride):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("height,width", [(1, 1), (3, 5), (4, 4)])
+def test_upsample2_conv3x3_equals_the_conv_of_the_upsampled_image(height, width):
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, height, width, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(2, 2 * height, 2 * width, 4)), jnp.float32)
+
+  def direct(x, kernel):
+    return layers.conv2d(layers.upsample_nearest(x, 2), kernel, padding=1)
+
+  np.testing.assert_allclose(layers.upsample2_conv3x3(x, kernel), direct(x, kernel), rtol=1e-5, atol=1e-5)
+
+  def grads(fn):
+    return jax.grad(lambda x, k: jnp.vdot(fn(x, k), cotangent), argnums=(0, 1))(x, kernel)
+
+  for got, want in zip(grads(layers.upsample2_conv3x3), grads(direct)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("skip_channels", [0, 2])
+def test_upsample_concat_conv_is_the_conv_of_the_concatenation(skip_channels):
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(1, 3, 4, 3)), jnp.float32)
+  skip = jnp.asarray(rng.normal(size=(1, 6, 8, skip_channels)), jnp.float32) if skip_channels else None
+  module = layers.UpsampleConcatConv(5)
+  variables = module.init(jax.random.key(0), x, skip)
+  kernel = variables["params"]["kernel"]
+  assert kernel.shape == (3, 3, 3 + skip_channels, 5)
+  concatenated = layers.upsample_nearest(x, 2)
+  if skip is not None:
+    concatenated = jnp.concatenate([concatenated, skip], axis=-1)
+  want = jax.lax.conv_general_dilated(concatenated, kernel, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(module.apply(variables, x, skip), want, rtol=1e-5, atol=1e-5)
+
+
 def test_strided_conv_pads_like_torch():
   # torch pads a 7x7 stride-2 conv by 3 on every side, so the first output sees input rows/cols 0..3 (16 ones);
   # Flax 'SAME' would pad (2, 3) and see a 5x5 window (25 ones).

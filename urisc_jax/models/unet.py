@@ -29,13 +29,21 @@ class UNetDecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: jax.Array | None, train: bool) -> jax.Array:
-    x = layers.upsample_nearest(x, 2)
-    if skip is not None:
-      x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
-    for i in (1, 2):
-      x = layers.ConvBNReLU(self.features, 3, dtype=self.dtype, kernel_init=layers.decoder_conv_init,
-                            name=f"conv{i}")(x, train)
-    return x
+    x = UpsampleConcatConvBNReLU(self.features, dtype=self.dtype, name="conv1")(x, skip, train)
+    return layers.ConvBNReLU(self.features, 3, dtype=self.dtype, kernel_init=layers.decoder_conv_init,
+                             name="conv2")(x, train)
+
+
+class UpsampleConcatConvBNReLU(nn.Module):
+  """A decoder block's first conv-BN-ReLU with the upsampling and the concatenation folded into the conv
+  (`layers.UpsampleConcatConv`); its parameters are those of a ConvBNReLU on the concatenation."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, skip: jax.Array | None, train: bool) -> jax.Array:
+    x = layers.UpsampleConcatConv(self.features, dtype=self.dtype, name="conv")(x, skip)
+    return nn.relu(layers.BatchNorm(dtype=self.dtype, name="bn")(x, train))
 
 
 class UNetDecoder(nn.Module):
