@@ -2,6 +2,7 @@
 
     python -m benchmarks.layers                        # both parts, shapes of a 1024^2 crop at batch 2
     python -m benchmarks.layers --parts=transposed --batch=1
+    python -m benchmarks.layers --parts=weight_gradients,upsampling --size=512
 
 `--parts=convolutions`: forward, input gradient and weight gradient of every 3x3 / 7x7 convolution of
 U-Net-ResNet50 at a 1024^2 crop, once with the project's XLA flags (`urisc_jax.xla_flags`: Eigen convolutions) and
@@ -9,6 +10,11 @@ once with the jaxlib's default YNNPACK convolutions, each in a fresh process (XL
 `--parts=transposed`: LinkNet's and the plain U-Net's x2 upsamplings as `layers.conv_transpose2d` computes them
 (one convolution over the output phases) against the textbook dilated-input convolution, forward and
 forward + backward, checking that both agree.
+
+`--parts=weight_gradients`: the weight gradient of every stride-1 3x3 convolution of U-Net-ResNet50, XLA's own
+against `cpu_convolution.swapped_weight_gradient` (both with the project's flags), checking that they agree.
+`--parts=upsampling`: the U-Net decoder's "x2 nearest upsampling, then 3x3 conv" as written against
+`layers.upsample2_conv3x3`, forward + backward. `--size` scales the shapes to another crop side.
 
 One JSON object per line: {"bench": "layers", "part", "layer" or "total", ..., milliseconds} and
 {"metric": "speedup", ...} per comparison.
@@ -25,7 +31,7 @@ import numpy as np
 
 from benchmarks.json_lines import emit, log, run_and_collect
 from benchmarks.models import timed
-from urisc_jax.models import layers  # importing urisc_jax sets its XLA flags before jax computes anything
+from urisc_jax.models import cpu_convolution, layers  # importing urisc_jax sets its XLA flags before jax computes anything
 
 # (layer, count in the model, input H = W at a 1024^2 crop, Cin, Cout, kernel, stride)
 UNET_R50_CONVOLUTIONS = [
@@ -118,10 +124,78 @@ def compare_transposed(batch: int, repeats: int) -> None:
           "forward_backward": round(times["dilated"][1] / times["phases"][1], 2)})
 
 
+def _scaled(size: int, crop: int) -> int:
+  return max(1, size * crop // 1024)
+
+
+def _agree(layer: str, got, want) -> None:
+  difference = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+  if difference > 1e-4:
+    raise AssertionError(f"{layer}: the two forms disagree (max relative difference {difference:.2e})")
+
+
+def compare_weight_gradients(batch: int, crop: int, repeats: int) -> None:
+  """XLA's weight gradient of each stride-1 3x3 convolution against the swapped form."""
+  rng = np.random.default_rng(0)
+  totals = {"xla": 0.0, "swapped": 0.0}
+  for layer, count, size, cin, cout, k, stride in UNET_R50_CONVOLUTIONS:
+    if stride != 1 or k != 3:
+      continue
+    size = _scaled(size, crop)
+    x = jnp.asarray(rng.random((batch, size, size, cin), np.float32))
+    cotangent = jnp.asarray(rng.random((batch, size, size, cout), np.float32))
+    kernel = jnp.zeros((k, k, cin, cout))
+    xla = jax.jit(lambda x, g: jax.vjp(lambda w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")), kernel)[1](g)[0])
+    swapped = jax.jit(functools.partial(cpu_convolution.swapped_weight_gradient, kernel_size=k, padding=1))
+    _agree(layer, swapped(x, cotangent), xla(x, cotangent))
+    ms = {"xla": _timed_ms(xla, x, cotangent, repeats=repeats),
+          "swapped": _timed_ms(swapped, x, cotangent, repeats=repeats)}
+    for form in totals:
+      totals[form] += count * ms[form]
+    emit({"bench": "layers", "part": "weight_gradients", "layer": f"unet_r50/{layer}", "count": count,
+          "shape": [batch, size, size, cin, cout], "xla_ms": ms["xla"], "swapped_ms": ms["swapped"]})
+  emit({"bench": "layers", "part": "weight_gradients", "layer": "total", "metric": "speedup", "over": "xla",
+        "value": round(totals["xla"] / totals["swapped"], 2), "xla_ms": round(totals["xla"], 1),
+        "swapped_ms": round(totals["swapped"], 1)})
+
+
+# (block, input H = W at a 1024^2 crop, Cin, Cout) of the U-Net-ResNet50 decoder's upsampled inputs.
+UNET_R50_UPSAMPLINGS = [("block0", 32, 2048, 256), ("block1", 64, 256, 128), ("block2", 128, 128, 64),
+                        ("block3", 256, 64, 32), ("block4", 512, 32, 16)]
+
+
+def compare_upsamplings(batch: int, crop: int, repeats: int) -> None:
+  """Upsample-then-conv against the folded low-resolution form, forward + backward."""
+  rng = np.random.default_rng(0)
+  totals = {"upsampled": 0.0, "folded": 0.0}
+  for block, size, cin, cout in UNET_R50_UPSAMPLINGS:
+    size = _scaled(size, crop)
+    x = jnp.asarray(rng.random((batch, size, size, cin), np.float32))
+    kernel = jnp.asarray(rng.normal(size=(3, 3, cin, cout)).astype(np.float32))
+    cotangent = jnp.ones((batch, 2 * size, 2 * size, cout), jnp.float32)
+    forms = {"upsampled": lambda x, k: layers.conv2d(layers.upsample_nearest(x, 2), k, padding=1),
+             "folded": layers.upsample2_conv3x3}
+    ms, grads = {}, {}
+    for form, fn in forms.items():
+      backward = jax.jit(jax.grad(lambda x, k, fn=fn: jnp.vdot(fn(x, k), cotangent), argnums=(0, 1)))
+      grads[form] = backward(x, kernel)
+      ms[form] = _timed_ms(backward, x, kernel, repeats=repeats)
+      totals[form] += ms[form]
+    for got, want in zip(grads["folded"], grads["upsampled"]):
+      _agree(block, got, want)
+    emit({"bench": "layers", "part": "upsampling", "layer": f"unet_r50/decoder/{block}",
+          "shape": [batch, size, size, cin, cout], "upsampled_forward_backward_ms": ms["upsampled"],
+          "folded_forward_backward_ms": ms["folded"]})
+  emit({"bench": "layers", "part": "upsampling", "layer": "total", "metric": "speedup", "over": "upsampled",
+        "value": round(totals["upsampled"] / totals["folded"], 2)})
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--parts", default="convolutions,transposed")
   parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--size", type=int, default=1024, help="crop side the layer shapes are taken at")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -133,6 +207,10 @@ def main() -> None:
     compare_convolution_backends(args)
   if "transposed" in parts:
     compare_transposed(args.batch, args.repeats)
+  if "weight_gradients" in parts:
+    compare_weight_gradients(args.batch, args.size, args.repeats)
+  if "upsampling" in parts:
+    compare_upsamplings(args.batch, args.size, args.repeats)
 
 
 if __name__ == "__main__":

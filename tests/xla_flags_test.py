@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from urisc_jax import xla_flags
 
 
@@ -30,3 +32,15 @@ def test_importing_the_package_sets_the_flag_that_the_cpu_backend_accepts():
   flags, total = out.splitlines()
   assert xla_flags.EIGEN_CONVOLUTIONS in flags
   assert float(total) == 100.0  # 4 corners x 4 + 8 edges x 6 + 4 inner x 9
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ("", False),
+    (xla_flags.EIGEN_CONVOLUTIONS, True),
+    (f"--xla_force_host_platform_device_count=8 {xla_flags.EIGEN_CONVOLUTIONS}", True),
+    (f"{xla_flags.YNN_FLAG}=-dot,-individual_convolution", True),
+    (f"{xla_flags.YNN_FLAG}=+individual_convolution", False),
+    (f"{xla_flags.EIGEN_CONVOLUTIONS} {xla_flags.YNN_FLAG}=+individual_convolution", False),  # the last one counts
+])
+def test_eigen_convolutions_reads_the_flag(flags, expected):
+  assert xla_flags.eigen_convolutions(flags) is expected

@@ -27,6 +27,13 @@ def with_eigen_convolutions(xla_flags: str, jaxlib_version: str) -> str:
   return f"{xla_flags} {EIGEN_CONVOLUTIONS}".strip()
 
 
+def eigen_convolutions(xla_flags: str | None = None) -> bool:
+  """Whether XLA_FLAGS (default: this process's) take single CPU convolutions from YNNPACK to Eigen."""
+  xla_flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+  values = [flag.split("=", 1)[1] for flag in xla_flags.split() if flag.startswith(f"{YNN_FLAG}=")]
+  return bool(values) and "-individual_convolution" in values[-1].split(",")
+
+
 def apply() -> None:
   """Sets XLA_FLAGS for this process; takes effect if no JAX computation has run yet (the backend starts lazily)."""
   try:

@@ -5,7 +5,9 @@ conventions rather than Flax's defaults:
 
 - paddings are explicit (Flax 'SAME' pads stride-2 convolutions on the other side than torch does);
 - transposed convolutions are computed as ordinary convolutions over their output phases, the form XLA runs
-  fastest (same results, see `conv_transpose2d`);
+  fastest (same results, see `conv_transpose2d`); likewise 1x1 convolutions run as matrix products, "x2 nearest
+  upsampling then 3x3 conv" at the low resolution (`upsample2_conv3x3`), and stride-1 convolutions take their weight
+  gradient in the form Eigen runs fastest on the CPU (`cpu_convolution`);
 - `BatchNorm` uses torch's epsilon and momentum and updates the running variance with the unbiased estimate, so
   training from imported statistics moves them the way torch would;
 - `ConvTranspose2d` reproduces torch's `ConvTranspose2d(kernel, stride, padding)` output size and alignment.
@@ -19,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from urisc_jax.models import cpu_convolution
 
 Dtype = Any
 
@@ -40,6 +44,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, d
   """torch's Conv2d(stride, padding, dilation, groups) on NHWC: x [N, H, W, Cin], kernel [k, k, Cin/groups, Cout]."""
   if kernel.shape[:2] == (1, 1) and groups == 1 and padding == 0:
     return _pixelwise_matmul(x[:, ::stride, ::stride], kernel[0, 0])
+  if stride == 1 and dilation == 1 and groups == 1 and padding < kernel.shape[0]:
+    return cpu_convolution.conv2d_stride1(x, kernel, padding)
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
       rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)

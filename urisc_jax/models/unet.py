@@ -6,6 +6,10 @@ ReLU] x 2. Head: 3x3 conv with bias to `num_classes` logits. For resnet50 the bl
 [2048, 256, 128, 64, 32] with skips [1024, 512, 256, 64, 0]. At in_channels = num_classes = 1 the parameter count is
 32,514,833 (encoder 23,501,760, decoder 9,012,928, head 145), as smp's.
 
+The upsampling and the concatenation are not materialized: each block's first conv runs the skip's part at the
+skip's resolution and the upsampled part at the low resolution (`layers.UpsampleConcatConv`), the same function
+and parameters with 16/36 of the upsampled part's multiply-adds.
+
 Params tree: {'encoder': ResNet params, 'decoder': {'block0'..'block4': {'conv1', 'conv2'}}, 'head': {...}}.
 Input H and W must be divisible by 32.
 """
