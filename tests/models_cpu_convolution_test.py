@@ -1,5 +1,11 @@
 """The swapped weight gradient against XLA's own (a second derivation of the same sum) and its dispatch rule."""
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,3 +65,30 @@ def test_bfloat16_gradient_keeps_the_kernel_dtype():
   assert gradient.dtype == jnp.bfloat16
   # Interior taps see all 16 pixels of the 4x4 map, corner taps 9.
   assert float(gradient[1, 1, 0, 0]) == 16.0 and float(gradient[0, 0, 0, 0]) == 9.0
+
+
+_SHARDED_SCRIPT = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from urisc_jax.models import layers
+
+rng = np.random.default_rng(2)
+x = jnp.asarray(rng.normal(size=(2, 16, 12, 5)), jnp.float32)
+kernel = jnp.asarray(rng.normal(size=(3, 3, 5, 6)), jnp.float32)
+cotangent = jnp.asarray(rng.normal(size=(2, 16, 12, 6)), jnp.float32)
+grads = jax.grad(lambda x, k: jnp.vdot(layers.conv2d(x, k, padding=1), cotangent), argnums=(0, 1))
+want = jax.jit(grads)(x, kernel)
+mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "spatial"))
+spread = NamedSharding(mesh, P("data", "spatial"))
+got = jax.jit(grads, in_shardings=(spread, NamedSharding(mesh, P())))(jax.device_put(x, spread), kernel)
+print(json.dumps([float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) for g, w in zip(got, want)]))
+"""
+
+
+def test_swapped_gradient_is_unchanged_by_data_and_spatial_sharding():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True,
+                          cwd=pathlib.Path(__file__).resolve().parents[1], check=True)
+  input_error, kernel_error = json.loads(result.stdout.strip().splitlines()[-1])
+  assert input_error < 1e-5 and kernel_error < 1e-5
