@@ -111,7 +111,8 @@ def test_1x1_conv_gradients_equal_the_convolutions(stride):
   cotangent = jnp.asarray(rng.normal(size=(2, -(-6 // stride), -(-5 // stride), 3)), jnp.float32)
 
   def lax_conv(x, kernel):
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
   def grads(fn):
     return jax.grad(lambda x, k: jnp.vdot(fn(x, k), cotangent), argnums=(0, 1))(x, kernel)

@@ -285,7 +285,7 @@ def upsample2_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   by_row = [_fold_upsampled_taps(rows, 1) for rows in _fold_upsampled_taps(kernel, 0)]
   phases = jnp.stack([jnp.stack(by_col, axis=3) for by_col in by_row], axis=3).reshape(2, 2, channels, 4 * features)
   # Padded outside the convolution: with the padding inside, XLA turns this even-sized kernel's weight gradient into a
-  # reversed convolution that runs ~50x slower on CPU.
+  # reversed convolution that runs ~45x slower on CPU.
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   y = conv2d(padded, phases).reshape(n, h + 1, w + 1, 2, 2, features)
   rows = [jnp.stack([y[:, r:r + h, c:c + w, r, c] for c in (0, 1)], axis=3) for r in (0, 1)]  # [N, H, W, 2, F]
@@ -302,13 +302,13 @@ class UpsampleConcatConv(nn.Module):
   features: int
   dtype: Dtype = jnp.float32
   kernel_init: Any = decoder_conv_init
-  kernel_size: int = 3
-  groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, skip: jax.Array | None = None) -> jax.Array:
     channels = x.shape[-1]
-    kernel = _grouped_kernel(self, channels + (0 if skip is None else skip.shape[-1])).astype(self.dtype)
+    in_channels = channels + (0 if skip is None else skip.shape[-1])
+    kernel = self.param("kernel", self.kernel_init, (3, 3, in_channels, self.features), jnp.float32)
+    kernel = kernel.astype(self.dtype)
     y = upsample2_conv3x3(x.astype(self.dtype), kernel[:, :, :channels])
     if skip is not None:
       y = y + conv2d(skip.astype(self.dtype), kernel[:, :, channels:], padding=1)
