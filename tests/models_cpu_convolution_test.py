@@ -92,3 +92,24 @@ def test_swapped_gradient_is_unchanged_by_data_and_spatial_sharding():
                           cwd=pathlib.Path(__file__).resolve().parents[1], check=True)
   input_error, kernel_error = json.loads(result.stdout.strip().splitlines()[-1])
   assert input_error < 1e-5 and kernel_error < 1e-5
+
+
+def test_forward_mode_works_once_the_swapped_path_is_turned_off(monkeypatch):
+  x = jnp.ones((1, 5, 5, 2))
+  kernel = jnp.ones((3, 3, 2, 1))
+  monkeypatch.setattr(cpu_convolution, "MAX_SWAPPED_BATCH", 0)
+  _, tangent = jax.jvp(lambda k: layers.conv2d(x, k, padding=1), (kernel,), (kernel,))
+  np.testing.assert_allclose(tangent, _lax_conv(x, kernel, 1))  # linear in the kernel: the tangent is conv(x, dk)
+
+
+def test_second_order_reverse_mode_matches_xla():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 5, 6, 2)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 3)), jnp.float32)
+
+  def gradient_norm(conv):
+    inner = jax.grad(lambda k: jnp.sum(jnp.tanh(conv(x, k))))
+    return jax.grad(lambda k: jnp.sum(inner(k) ** 2))(kernel)
+
+  np.testing.assert_allclose(gradient_norm(lambda x, k: layers.conv2d(x, k, padding=1)),
+                             gradient_norm(lambda x, k: _lax_conv(x, k, 1)), rtol=1e-4, atol=1e-4)

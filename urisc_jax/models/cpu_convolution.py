@@ -11,6 +11,9 @@ convolutions, batch 2: 1.0-2.5x faster for each 3x3 layer of a U-Net-ResNet50 at
 measured 5 % slower, the whole U-Net-ResNet50 train step 19.7 -> 16.8 s. A 64 x 64 x 256 layer at batch 4: 10 %
 faster; a 256 x 256 x 64 one at batch 8: 25 % slower. So larger batches and other backends (GPU, TPU, or YNNPACK
 convolutions on the CPU, where it is slower) keep XLA's own gradient.
+
+Being a custom VJP, this path supports reverse mode (grad, vjp, also nested) but not forward mode: jax.jvp or
+jax.jacfwd through a model on the CPU needs `cpu_convolution.MAX_SWAPPED_BATCH = 0` first (XLA's gradient then).
 """
 
 import functools
