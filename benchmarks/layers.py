@@ -100,6 +100,13 @@ def compare_convolution_backends(args) -> None:
            for key in ("forward_ms", "input_gradient_ms", "weight_gradient_ms")}})
 
 
+def _agree(layer: str, got, want) -> None:
+  """Raises unless two forms of one layer agree to a relative 1e-4 (of the largest value)."""
+  difference = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+  if difference > 1e-4:
+    raise AssertionError(f"{layer}: the two forms disagree (max relative difference {difference:.2e})")
+
+
 def compare_transposed(batch: int, repeats: int) -> None:
   """Phase form vs dilated form of each upsampling: forward and forward + backward; both must agree."""
   rng = np.random.default_rng(0)
@@ -117,9 +124,7 @@ def compare_transposed(batch: int, repeats: int) -> None:
       emit({"bench": "layers", "part": "transposed", "layer": layer, "form": form,
             "shape": [batch, size, size, cin, cout, k, stride], "forward_ms": times[form][0],
             "forward_backward_ms": times[form][1]})
-    difference = np.max(np.abs(outputs["phases"] - outputs["dilated"])) / np.max(np.abs(outputs["dilated"]))
-    if difference > 1e-4:
-      raise AssertionError(f"{layer}: the two forms disagree (max relative difference {difference:.2e})")
+    _agree(layer, outputs["phases"], outputs["dilated"])
     emit({"bench": "layers", "part": "transposed", "layer": layer, "metric": "speedup", "over": "dilated",
           "forward": round(times["dilated"][0] / times["phases"][0], 2),
           "forward_backward": round(times["dilated"][1] / times["phases"][1], 2)})
@@ -127,12 +132,6 @@ def compare_transposed(batch: int, repeats: int) -> None:
 
 def _scaled(size: int, crop: int) -> int:
   return max(1, size * crop // 1024)
-
-
-def _agree(layer: str, got, want) -> None:
-  difference = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-  if difference > 1e-4:
-    raise AssertionError(f"{layer}: the two forms disagree (max relative difference {difference:.2e})")
 
 
 def compare_weight_gradients(batch: int, crop: int, repeats: int) -> None:

@@ -16,7 +16,8 @@ import importlib.metadata
 import os
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-EIGEN_CONVOLUTIONS = f"{YNN_FLAG}=-individual_convolution"
+EIGEN_CHOICE = "-individual_convolution"
+EIGEN_CONVOLUTIONS = f"{YNN_FLAG}={EIGEN_CHOICE}"
 TESTED_JAXLIB_SERIES = "0.10."
 
 
@@ -31,7 +32,7 @@ def eigen_convolutions(xla_flags: str | None = None) -> bool:
   """Whether XLA_FLAGS (default: this process's) take single CPU convolutions from YNNPACK to Eigen."""
   xla_flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
   values = [flag.split("=", 1)[1] for flag in xla_flags.split() if flag.startswith(f"{YNN_FLAG}=")]
-  return bool(values) and "-individual_convolution" in values[-1].split(",")
+  return bool(values) and EIGEN_CHOICE in values[-1].split(",")
 
 
 def apply() -> None:
