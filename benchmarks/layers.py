@@ -7,14 +7,15 @@
 `--parts=convolutions`: forward, input gradient and weight gradient of every 3x3 / 7x7 convolution of
 U-Net-ResNet50 at a 1024^2 crop, once with the project's XLA flags (`urisc_jax.xla_flags`: Eigen convolutions) and
 once with the jaxlib's default YNNPACK convolutions, each in a fresh process (XLA reads its flags once).
-`--parts=transposed`: LinkNet's and the plain U-Net's x2 upsamplings as `layers.conv_transpose2d` computes them
+`--parts=transposed`: LinkNet's and the plain U-Net's x2 upsamplings as `layers.conv_transpose2d_cpu` computes them
 (one convolution over the output phases) against the textbook dilated-input convolution, forward and
 forward + backward, checking that both agree.
 
 `--parts=weight_gradients`: the weight gradient of every stride-1 3x3 convolution of U-Net-ResNet50, XLA's own
 against `cpu_convolution.swapped_weight_gradient` (both with the project's flags), checking that they agree.
 `--parts=upsampling`: the U-Net decoder's "x2 nearest upsampling, then 3x3 conv" as written against
-`layers.upsample2_conv3x3`, forward + backward. `--size` scales the shapes to another crop side.
+`layers.upsample2_conv3x3_cpu`, forward + backward. `--size` scales the shapes to another crop side. These are the
+CPU forms (`urisc_jax.platforms`); GPUs and TPUs run the plain convolutions.
 
 One JSON object per line: {"bench": "layers", "part", "layer" or "total", ..., milliseconds} and
 {"metric": "speedup", ...} per comparison.
@@ -67,7 +68,7 @@ def measure_convolutions(batch: int, repeats: int) -> None:
   rng = np.random.default_rng(0)
   totals = np.zeros(3)
   for layer, count, size, cin, cout, k, stride in UNET_R50_CONVOLUTIONS:
-    conv = functools.partial(layers.conv2d, stride=stride, padding=(k - 1) // 2)
+    conv = functools.partial(layers.conv2d_cpu, stride=stride, padding=(k - 1) // 2)
     x = jnp.asarray(rng.random((batch, size, size, cin), np.float32))
     kernel = jnp.asarray(rng.normal(size=(k, k, cin, cout)).astype(np.float32))
     cotangent = jnp.ones(jax.eval_shape(conv, x, kernel).shape, jnp.float32)
@@ -114,7 +115,7 @@ def compare_transposed(batch: int, repeats: int) -> None:
     x = jnp.asarray(rng.random((batch, size, size, cin), np.float32))
     kernel = jnp.asarray(rng.normal(size=(k, k, cin, cout)).astype(np.float32))
     times, outputs = {}, {}
-    for form, fn in (("dilated", layers.dilated_conv_transpose2d), ("phases", layers.conv_transpose2d)):
+    for form, fn in (("dilated", layers.dilated_conv_transpose2d), ("phases", layers.conv_transpose2d_cpu)):
       fn = functools.partial(fn, stride=stride, padding=padding)
       cotangent = jnp.ones(jax.eval_shape(fn, x, kernel).shape, jnp.float32)
       forward = jax.jit(fn)
@@ -174,8 +175,8 @@ def compare_upsamplings(batch: int, crop: int, repeats: int) -> None:
     x = jnp.asarray(rng.random((batch, size, size, cin), np.float32))
     kernel = jnp.asarray(rng.normal(size=(3, 3, cin, cout)).astype(np.float32))
     cotangent = jnp.ones((batch, 2 * size, 2 * size, cout), jnp.float32)
-    forms = {"upsampled": lambda x, k: layers.conv2d(layers.upsample_nearest(x, 2), k, padding=1),
-             "folded": layers.upsample2_conv3x3}
+    forms = {"upsampled": lambda x, k: layers.conv2d_cpu(layers.upsample_nearest(x, 2), k, padding=1),
+             "folded": layers.upsample2_conv3x3_cpu}
     ms, grads = {}, {}
     for form, fn in forms.items():
       backward = jax.jit(jax.grad(lambda x, k, fn=fn: jnp.vdot(fn(x, k), cotangent), argnums=(0, 1)))

@@ -88,13 +88,9 @@ def _views_forward(model, variables, x: jax.Array, views) -> jax.Array:
   return total
 
 
-def tile_forward_binder(model, *, mean: float, std: float, tta: int = 1,
-                        mesh: jax.sharding.Mesh | None = None) -> Callable[[Any], TileForward]:
-  """Jits the tile forward once and returns `bind(variables) -> TileForward`.
-
-  Binding new variables reuses the compiled executable: validation during training binds each new state without
-  recompiling. See `make_tile_forward` for what the forward computes.
-  """
+def tile_forward_function(model, *, mean: float, std: float, tta: int = 1) -> Callable[[Any, jax.Array], jax.Array]:
+  """The pure function that the tile forward jits: forward(variables, uint8 tiles [B, T, T, 1]) -> mean logit over
+  `tta` views, float32 [B, T, T]."""
   if tta not in TTA_CHOICES:
     raise ValueError(f"config.predict.tta must be one of {TTA_CHOICES}, got {tta}.")
   views = _VIEWS[:tta]
@@ -102,6 +98,17 @@ def tile_forward_binder(model, *, mean: float, std: float, tta: int = 1,
   def forward(variables, tiles):
     return _views_forward(model, variables, normalize(tiles, mean=mean, std=std), views) / tta
 
+  return forward
+
+
+def tile_forward_binder(model, *, mean: float, std: float, tta: int = 1,
+                        mesh: jax.sharding.Mesh | None = None) -> Callable[[Any], TileForward]:
+  """Jits the tile forward once and returns `bind(variables) -> TileForward`.
+
+  Binding new variables reuses the compiled executable: validation during training binds each new state without
+  recompiling. See `make_tile_forward` for what the forward computes.
+  """
+  forward = tile_forward_function(model, mean=mean, std=std, tta=tta)
   # Variables are an argument, not constants baked into the executable: less memory and a faster compile.
   if mesh is None:
     jitted = jax.jit(forward)

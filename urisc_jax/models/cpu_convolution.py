@@ -63,14 +63,13 @@ def _backward(padding, residuals, dy):
 _conv_with_swapped_weight_gradient.defvjp(_forward, _backward)
 
 
-def conv2d_stride1(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
-  """conv(x [N, H, W, C], kernel [k, k, C, F]) at stride 1 with symmetric `padding`: [N, H', W', F].
+def conv2d_stride1_cpu(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+  """conv(x [N, H, W, C], kernel [k, k, C, F]) at stride 1 with symmetric `padding`: [N, H', W', F], for XLA:CPU.
 
-  On the CPU with Eigen convolutions (`xla_flags`) and a batch of at most MAX_SWAPPED_BATCH, its weight gradient is
-  `swapped_weight_gradient`; elsewhere XLA's own. Values and gradients are the same either way.
+  With Eigen convolutions (`xla_flags`) and a batch of at most MAX_SWAPPED_BATCH, its weight gradient is
+  `swapped_weight_gradient`; otherwise XLA's own. Values and gradients are the same either way. Only the CPU form of
+  `layers.conv2d` calls this (`platforms.per_backend`): GPUs and TPUs keep XLA's gradient.
   """
   if x.shape[0] > MAX_SWAPPED_BATCH or not xla_flags.eigen_convolutions():
     return _conv(x, kernel, padding)
-  return jax.lax.platform_dependent(
-      x, kernel, cpu=functools.partial(_conv_with_swapped_weight_gradient, padding=padding),
-      default=functools.partial(_conv, padding=padding))
+  return _conv_with_swapped_weight_gradient(x, kernel, padding)

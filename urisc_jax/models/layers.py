@@ -4,10 +4,11 @@ The models load PyTorch weights (torchvision ResNets, CEM500K MoCoV2), so every 
 conventions rather than Flax's defaults:
 
 - paddings are explicit (Flax 'SAME' pads stride-2 convolutions on the other side than torch does);
-- transposed convolutions are computed as ordinary convolutions over their output phases, the form XLA runs
-  fastest (same results, see `conv_transpose2d`); likewise 1x1 convolutions run as matrix products, "x2 nearest
-  upsampling then 3x3 conv" at the low resolution (`upsample2_conv3x3`), and stride-1 convolutions take their weight
-  gradient in the form Eigen runs fastest on the CPU (`cpu_convolution`);
+- convolutions, transposed convolutions and "x2 nearest upsampling then 3x3 conv" are plain XLA convolutions on GPUs
+  and TPUs, and on the CPU take the forms XLA:CPU runs fastest (1x1 convolutions as matrix products, transposed
+  convolutions over their output phases, the upsampling folded into 2x2 phase kernels, swapped weight gradients):
+  `conv2d`, `conv_transpose2d` and `upsample2_conv3x3` choose per backend through `platforms.per_backend`, and their
+  `*_cpu` twins are the CPU forms (same results);
 - `BatchNorm` uses torch's epsilon and momentum and updates the running variance with the unbiased estimate, so
   training from imported statistics moves them the way torch would;
 - `ConvTranspose2d` reproduces torch's `ConvTranspose2d(kernel, stride, padding)` output size and alignment.
@@ -15,6 +16,7 @@ conventions rather than Flax's defaults:
 All layers keep parameters in float32 and compute in `dtype`. Arrays are NHWC.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from urisc_jax import platforms
 from urisc_jax.models import cpu_convolution
 
 Dtype = Any
@@ -41,14 +44,47 @@ def scaled_channels(channels: int, width: float) -> int:
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, dilation: int = 1,
            groups: int = 1) -> jax.Array:
-  """torch's Conv2d(stride, padding, dilation, groups) on NHWC: x [N, H, W, Cin], kernel [k, k, Cin/groups, Cout]."""
-  if kernel.shape[:2] == (1, 1) and groups == 1 and padding == 0:
-    return _pixelwise_matmul(x[:, ::stride, ::stride], kernel[0, 0])
-  if stride == 1 and dilation == 1 and groups == 1 and padding < kernel.shape[0]:
-    return cpu_convolution.conv2d_stride1(x, kernel, padding)
+  """torch's Conv2d(stride, padding, dilation, groups) on NHWC: x [N, H, W, Cin], kernel [k, k, Cin/groups, Cout].
+
+  A plain XLA convolution on GPUs and TPUs; on the CPU `conv2d_cpu`'s form where it has one.
+  """
+  plain = functools.partial(plain_conv2d, stride=stride, padding=padding, dilation=dilation, groups=groups)
+  if not _has_cpu_form(kernel.shape, stride, padding, dilation, groups):
+    return plain(x, kernel)
+  cpu = functools.partial(conv2d_cpu, stride=stride, padding=padding, dilation=dilation, groups=groups)
+  return platforms.per_backend(cpu=cpu, accelerator=plain)(x, kernel)
+
+
+def plain_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, dilation: int = 1,
+                 groups: int = 1) -> jax.Array:
+  """`conv2d` as one `lax.conv_general_dilated`: what GPUs and TPUs run (cuDNN, the TPU's convolution units)."""
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
       rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def _is_pixelwise(kernel_shape, padding: int, groups: int) -> bool:
+  return tuple(kernel_shape[:2]) == (1, 1) and groups == 1 and padding == 0
+
+
+def _has_swapped_gradient(kernel_shape, stride: int, padding: int, dilation: int, groups: int) -> bool:
+  return stride == 1 and dilation == 1 and groups == 1 and padding < kernel_shape[0]
+
+
+def _has_cpu_form(kernel_shape, stride: int, padding: int, dilation: int, groups: int) -> bool:
+  return (_is_pixelwise(kernel_shape, padding, groups)
+          or _has_swapped_gradient(kernel_shape, stride, padding, dilation, groups))
+
+
+def conv2d_cpu(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, dilation: int = 1,
+               groups: int = 1) -> jax.Array:
+  """`conv2d` in the forms XLA:CPU runs fastest: 1x1 convolutions as one matrix product (`_pixelwise_matmul`),
+  stride-1 ones with the swapped weight gradient (`cpu_convolution`), the rest as `plain_conv2d`."""
+  if _is_pixelwise(kernel.shape, padding, groups):
+    return _pixelwise_matmul(x[:, ::stride, ::stride], kernel[0, 0])
+  if _has_swapped_gradient(kernel.shape, stride, padding, dilation, groups):
+    return cpu_convolution.conv2d_stride1_cpu(x, kernel, padding)
+  return plain_conv2d(x, kernel, stride, padding, dilation, groups)
 
 
 def _pixelwise_matmul(x: jax.Array, matrix: jax.Array) -> jax.Array:
@@ -204,13 +240,25 @@ def dilated_conv_transpose2d(x: jax.Array, kernel: jax.Array, stride: int, paddi
 def conv_transpose2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1) -> jax.Array:
   """torch's ConvTranspose2d on NHWC: x [N, H, W, Cin], kernel [k, k, Cin/groups, Cout] -> [N, H', W', Cout].
 
-  H' = (H - 1) * stride - 2 * padding + k. Where k - 2 * padding = stride (every upsampling layer here: kernel 4 /
-  stride 2 / padding 1, kernel 2 / stride 2 / padding 0, CASENet's 2f / f / f/2), H' = stride * H and the layer is
-  computed as its stride^2 output phases: one ordinary convolution over the input (a (D x D) kernel with D = 3 for
-  kernel 4 / stride 2, D = 1 for kernel 2 / stride 2) that gives Cout * stride^2 channels, then a depth-to-space.
-  That does the same arithmetic as the definition without multiplying the zeros of a dilated input, and its gradient
-  is an ordinary convolution's: 6-45x faster forward + backward than the dilated convolution on XLA:CPU
-  (`python -m benchmarks.layers`). Other shapes fall back to `dilated_conv_transpose2d`.
+  H' = (H - 1) * stride - 2 * padding + k. `dilated_conv_transpose2d` on GPUs and TPUs (cuDNN and the TPU run the
+  lhs-dilated convolution as a convolution's data gradient); on the CPU `conv_transpose2d_cpu` where k - 2 * padding
+  = stride.
+  """
+  dilated = functools.partial(dilated_conv_transpose2d, stride=stride, padding=padding, groups=groups)
+  if kernel.shape[0] - 2 * padding != stride:
+    return dilated(x, kernel)
+  phases = functools.partial(conv_transpose2d_cpu, stride=stride, padding=padding, groups=groups)
+  return platforms.per_backend(cpu=phases, accelerator=dilated)(x, kernel)
+
+
+def conv_transpose2d_cpu(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1) -> jax.Array:
+  """`conv_transpose2d` as XLA:CPU runs it fastest: where k - 2 * padding = stride (every upsampling layer here:
+  kernel 4 / stride 2 / padding 1, kernel 2 / stride 2 / padding 0, CASENet's 2f / f / f/2), H' = stride * H and the
+  layer is computed as its stride^2 output phases: one ordinary convolution over the input (a (D x D) kernel with
+  D = 3 for kernel 4 / stride 2, D = 1 for kernel 2 / stride 2) that gives Cout * stride^2 channels, then a
+  depth-to-space. That does the same arithmetic as the definition without multiplying the zeros of a dilated input,
+  and its gradient is an ordinary convolution's: 6-45x faster forward + backward than the dilated convolution on
+  XLA:CPU (`python -m benchmarks.layers`). Other shapes fall back to `dilated_conv_transpose2d`.
   """
   k = kernel.shape[0]
   n, h, w, _ = x.shape
@@ -223,8 +271,8 @@ def conv_transpose2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int,
   # [D, D, s, s, Cin/g, Cout] -> [D, D, Cin/g, Cout, s, s]: phases innermost, so output channels stay grouped.
   phases = zero_padded[table[:, None, :, None], table[None, :, None, :]]
   phases = phases.transpose(0, 1, 4, 5, 2, 3).reshape(size, size, kernel.shape[2], cout * stride * stride)
-  y = conv2d(jnp.pad(x, ((0, 0), (-d_min, size - 1 + d_min), (-d_min, size - 1 + d_min), (0, 0))), phases,
-             groups=groups)
+  y = conv2d_cpu(jnp.pad(x, ((0, 0), (-d_min, size - 1 + d_min), (-d_min, size - 1 + d_min), (0, 0))), phases,
+                 groups=groups)
   y = y.reshape(n, h, w, cout, stride, stride).transpose(0, 1, 4, 2, 5, 3)
   return y.reshape(n, h * stride, w * stride, cout)
 
@@ -271,9 +319,21 @@ def _fold_upsampled_taps(kernel: jax.Array, axis: int) -> list[jax.Array]:
 
 
 def upsample2_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """conv2d(upsample_nearest(x, 2), kernel, padding=1), computed at the low resolution: [N, H, W, C] -> [N, 2H, 2W, F].
+  """conv2d(upsample_nearest(x, 2), kernel, padding=1): [N, H, W, C], kernel [3, 3, C, F] -> [N, 2H, 2W, F].
 
-  kernel [3, 3, C, F]. Each of the 4 output phases of the upsampled image sees a 2x2 low-resolution window through a
+  Computed so on GPUs and TPUs; on the CPU at the low resolution (`upsample2_conv3x3_cpu`).
+  """
+  return platforms.per_backend(cpu=upsample2_conv3x3_cpu, accelerator=_upsample2_then_conv3x3)(x, kernel)
+
+
+def _upsample2_then_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return plain_conv2d(upsample_nearest(x, 2), kernel, padding=1)
+
+
+def upsample2_conv3x3_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`upsample2_conv3x3` computed at the low resolution, the form XLA:CPU runs fastest.
+
+  Each of the 4 output phases of the upsampled image sees a 2x2 low-resolution window through a
   folded kernel (sums of the 3x3 taps), so one 2x2 convolution with 4F outputs over the input padded by 1 gives all
   phases at once; phase (r, c) is its window starting at (r, c). Same function, 16/36 of the multiply-adds and no
   upsampled copy: the U-Net decoder's "upsample, concatenate, conv" spends most of its time here.
@@ -287,7 +347,7 @@ def upsample2_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   # Padded outside the convolution: with the padding inside, XLA turns this even-sized kernel's weight gradient into a
   # reversed convolution that runs ~45x slower on CPU.
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  y = conv2d(padded, phases).reshape(n, h + 1, w + 1, 2, 2, features)
+  y = conv2d_cpu(padded, phases).reshape(n, h + 1, w + 1, 2, 2, features)
   rows = [jnp.stack([y[:, r:r + h, c:c + w, r, c] for c in (0, 1)], axis=3) for r in (0, 1)]  # [N, H, W, 2, F]
   return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, features)
 
