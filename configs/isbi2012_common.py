@@ -22,7 +22,7 @@ from configs import default
 def get_config(model: dict):
   config = default.get_config()
   config.model = config.model.__class__(model)
-  config.model.dtype = "float32"
+  config.model.dtype = "auto"  # bfloat16 on GPUs and TPUs, float32 on the CPU
 
   config.data.source = "isbi"
   config.data.root = ""  # required: the ISBI 2012 folder

@@ -28,7 +28,7 @@ def get_config(model: dict, track: str):
     raise ValueError(f"track must be 'Track1' or 'Track2', got {track!r}")
   config = default.get_config()
   config.model = config.model.__class__(model)
-  config.model.dtype = "float32"
+  config.model.dtype = "auto"  # bfloat16 on GPUs and TPUs, float32 on the CPU
 
   config.data.source = "urisc"
   config.data.root = ""  # required: the U-RISC release folder

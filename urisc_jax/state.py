@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from urisc_jax import models, sharding
+from urisc_jax import models, platforms, sharding
 
 
 @struct.dataclass
@@ -21,11 +21,17 @@ class TrainState:
   opt_state: Any
 
 
-def build_model(model_config) -> nn.Module:
-  """The configured model for 1-channel gray input and 1 membrane logit: `models.build(name, **overrides)`."""
+def build_model(model_config, *, auto_dtype=None) -> nn.Module:
+  """The configured model for 1-channel gray input and 1 membrane logit: `models.build(name, **overrides)`.
+
+  `model.dtype="auto"` computes in bfloat16 on GPUs and TPUs and float32 on the CPU (`platforms.compute_dtype`), or
+  in `auto_dtype` where the caller needs another precision (attribution: float32 everywhere).
+  """
   overrides = {k: v for k, v in model_config.items() if k != "name"}
   if "dtype" in overrides:
-    overrides["dtype"] = jnp.dtype(overrides["dtype"])
+    auto = overrides["dtype"] == "auto"
+    overrides["dtype"] = jnp.dtype(auto_dtype) if auto and auto_dtype is not None else platforms.compute_dtype(
+        overrides["dtype"])
   return models.build(model_config.name, in_channels=1, num_classes=1, **overrides)
 
 

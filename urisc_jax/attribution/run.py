@@ -70,7 +70,9 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
   cfg = config.attribution
   _check_config(cfg)
   out_dir = workdir / "attribution"
-  model = state.build_model(config.model)
+  # float32 unless the config names a dtype: the completeness of integrated gradients is a sum over many gradient
+  # evaluations, which bfloat16's rounding would swamp.
+  model = state.build_model(config.model, auto_dtype=np.float32)
   variables, step, meta = predict.restore_variables(config, workdir, model)
   if meta.get("normalization"):  # The input normalization the model was trained with.
     config.data.mean, config.data.std = meta["normalization"]["mean"], meta["normalization"]["std"]

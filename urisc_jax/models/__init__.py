@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from urisc_jax import platforms
+
 # Modules of this package that are not models.
 _NOT_MODELS = frozenset({"layers", "resnet", "torch_import"})
 
@@ -64,7 +66,7 @@ def build(name: str, **overrides: Any) -> nn.Module:
   Args:
     name: a module of urisc_jax.models that defines MODEL_CLASS.
     **overrides: attributes of that class (e.g. encoder='resnet18', in_channels=1, num_classes=1, width=0.25,
-      dtype=jnp.bfloat16).
+      dtype=jnp.bfloat16, or dtype='auto': bfloat16 on GPUs and TPUs, float32 on the CPU).
 
   Returns:
     The unbound Flax Linen module.
@@ -81,8 +83,8 @@ def build(name: str, **overrides: Any) -> nn.Module:
   if unknown:
     raise ValueError(f"model {name!r} has no option {', '.join(map(repr, unknown))}; valid options: "
                      f"{', '.join(sorted(fields))}")
-  if isinstance(overrides.get("dtype"), str):  # configs spell dtypes as strings: 'float32', 'bfloat16'
-    overrides["dtype"] = jnp.dtype(overrides["dtype"])
+  if isinstance(overrides.get("dtype"), str):  # configs spell dtypes as strings: 'auto', 'float32', 'bfloat16'
+    overrides["dtype"] = platforms.compute_dtype(overrides["dtype"])
   if "encoder" in overrides:
     from urisc_jax.models import resnet  # pylint: disable=g-import-not-at-top
     resnet.encoder_spec(overrides["encoder"])  # raises with the valid names
