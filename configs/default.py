@@ -17,6 +17,10 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Compiled programs are kept here, so a rerun or a resume loads them instead of compiling again (JAX's persistent
+  # compilation cache; on a GPU also XLA's autotuning results). "default" = $URISC_JAX_CACHE, else
+  # ~/.cache/urisc_jax/jax (JAX_COMPILATION_CACHE_DIR, if set, wins); a folder; or "" to compile every time.
+  config.compilation_cache = "default"
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "linknet"

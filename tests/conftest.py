@@ -22,3 +22,17 @@ def shared_dir() -> pathlib.Path:
   if not (path / "data").is_dir():
     pytest.skip(f"real data folder {path / 'data'} is absent (set URISC_SHARED to the folder that holds data/)")
   return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory) -> pathlib.Path:
+  """One persistent compilation cache for the runs the tests start (`python -m urisc_jax.main` in subprocesses reads
+  URISC_JAX_CACHE), instead of the user's ~/.cache: runs of the same program share their compiled steps."""
+  folder = tmp_path_factory.mktemp("compilation_cache")
+  previous = os.environ.get("URISC_JAX_CACHE")
+  os.environ["URISC_JAX_CACHE"] = str(folder)
+  yield folder
+  if previous is None:
+    os.environ.pop("URISC_JAX_CACHE", None)
+  else:
+    os.environ["URISC_JAX_CACHE"] = previous

@@ -34,6 +34,12 @@ def test_run_writes_metrics_with_f1_and_baseline(tiny_run):
   assert metrics["step"] == 4 and metrics["num_images"] == {"train": 2, "val": 1, "test": 1}
 
 
+def test_the_run_keeps_its_compiled_programs_in_the_cache_folder(tiny_run, compilation_cache):
+  metrics = json.loads((tiny_run / "metrics.json").read_text())
+  assert metrics["train"]["compile_seconds"]["train_step"] > 0
+  assert any(compilation_cache.iterdir())  # URISC_JAX_CACHE, as conftest set it for the run
+
+
 def test_two_class_scores_are_reported_when_asked_for(tiny_run):
   metrics = json.loads((tiny_run / "metrics.json").read_text())
   scores = metrics["two_class"]

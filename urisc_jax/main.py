@@ -22,6 +22,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from urisc_jax import platforms
+
 MODES = ("train", "predict", "evaluate", "prepare", "criteria", "attribute")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/default.py.",
@@ -96,6 +98,7 @@ def main(argv):
     jax.distributed.initialize()
   workdir = pathlib.Path(_WORKDIR.value)
   config = _CONFIG.value
+  platforms.enable_compilation_cache(config.get("compilation_cache", "default"))
   if jax.process_index() == 0:
     _record_run(config, workdir)
   result = run(config, workdir, _MODE.value)
