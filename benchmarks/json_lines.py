@@ -14,13 +14,15 @@ def log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-def run_and_collect(command: list[str], *, what: str, cwd=None, env=None) -> list[dict]:
-  """Runs `command`, re-emits and returns the JSON objects it printed one per line; fails loudly on a non-zero exit."""
+def run_and_collect(command: list[str], *, what: str, cwd=None, env=None, echo: bool = True) -> list[dict]:
+  """Runs `command`, returns (and with `echo` re-emits) the JSON objects it printed one per line; fails loudly on a
+  non-zero exit."""
   proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
   if proc.returncode:
     log(proc.stderr[-4000:])
     raise RuntimeError(f"{what} failed with exit status {proc.returncode}")
   records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  for record in records:
-    emit(record)
+  if echo:
+    for record in records:
+      emit(record)
   return records

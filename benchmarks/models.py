@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from urisc_jax import models
+from urisc_jax import models, platforms
 
 
 def build_model(name: str, dtype: str, width: float):
   """'unet_resnet50' -> models.build('unet', encoder='resnet50', ...); 'casenet_original', 'plain_unet' too."""
-  overrides = {"dtype": jnp.dtype(dtype), "width": width}
+  overrides = {"dtype": platforms.compute_dtype(dtype), "width": width}
   if name in ("casenet", "plain_unet"):
     return models.build(name, **overrides)
   if name == "casenet_original":
@@ -59,6 +59,14 @@ def peak_gib(compiled) -> float:
   return total / 2**30
 
 
+def flops(compiled) -> float:
+  """Floating-point operations of one call of a compiled function, as XLA's cost analysis counts them."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list):  # some jaxlib versions give one dict per computation
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", float("nan")))
+
+
 def timed(fn, repeats: int) -> float:
   """Median wall time of fn() over `repeats` calls after one warm-up call."""
   jax.block_until_ready(fn())
@@ -76,7 +84,7 @@ def run(args) -> None:
   variables = models.random_variables(models.abstract_variables(model, shape))
   rng = np.random.default_rng(0)
   x = rng.standard_normal(shape, dtype=np.float32)
-  params = dict(model=args.model, size=args.size, batch=args.batch, dtype=args.dtype, framework="urisc_jax",
+  params = dict(model=args.model, size=args.size, batch=args.batch, dtype=str(model.dtype), framework="urisc_jax",
                 backend=jax.default_backend())
   if args.width != 1.0:
     params["width"] = args.width
@@ -125,6 +133,7 @@ def run(args) -> None:
   emit("median_s", seconds, "s")
   emit("compile_s", compile_s, "s")
   emit("peak_gib", peak_gib(compiled), "GiB")
+  emit("flops_per_call", flops(compiled), "FLOP")
 
 
 def main() -> None:
@@ -134,7 +143,7 @@ def main() -> None:
   parser.add_argument("--size", type=int, default=512, help="square input side, a multiple of 32")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up")
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+  parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"], help="compute dtype")
   parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0: the published model)")
   run(parser.parse_args())
 

@@ -35,9 +35,11 @@ PEER_MODELS = {"unet_resnet50": ("unet", "resnet50"), "linknet_resnet18": ("link
                "unet_resnet18": ("unet", "resnet18"), "linknet_resnet50": ("linknet", "resnet50")}
 
 
-def measure(model_name: str, size: int, batch: int, repeats: int, dtype: str = "float32") -> list[dict]:
-  """Times `repeats` train steps after one warm-up; returns the JSON records (rates, median, compile, memory)."""
-  model = model_bench.build_model(model_name, dtype, 1.0)
+def measure(model_name: str, size: int, batch: int, repeats: int, dtype: str = "float32",
+            width: float = 1.0) -> list[dict]:
+  """Times `repeats` train steps after one warm-up; returns the JSON records (rates, median, compile, memory, XLA's
+  FLOP count of one step)."""
+  model = model_bench.build_model(model_name, dtype, width)
   shape = (batch, size, size, 1)
   variables = models.random_variables(models.abstract_variables(model, shape))
   tx = optax.adam(1e-3)
@@ -59,13 +61,14 @@ def measure(model_name: str, size: int, batch: int, repeats: int, dtype: str = "
 
   seconds = model_bench.timed(step, repeats)
   params = {"bench": "train", "framework": "urisc_jax", "model": model_name, "size": size, "batch": batch,
-            "dtype": dtype, "backend": jax.default_backend()}
+            "dtype": str(model.dtype), "backend": jax.default_backend(), **({"width": width} if width != 1.0 else {})}
   return [
       {**params, "metric": "images_per_s", "value": batch / seconds, "unit": "images/s"},
       {**params, "metric": "mpix_per_s", "value": batch * size**2 / seconds / 1e6, "unit": "Mpix/s"},
       {**params, "metric": "median_s", "value": seconds, "unit": "s"},
       {**params, "metric": "compile_s", "value": compile_s, "unit": "s"},
       {**params, "metric": "peak_gib", "value": model_bench.peak_gib(compiled), "unit": "GiB"},
+      {**params, "metric": "flops_per_call", "value": model_bench.flops(compiled), "unit": "FLOP"},
   ]
 
 
@@ -75,7 +78,7 @@ def _mpix(records: list[dict]) -> float:
 
 def ours(args, model_name: str, size: int) -> float:
   command = [sys.executable, "-m", "benchmarks.train", "--worker", f"--models={model_name}", f"--sizes={size}",
-             f"--batch={args.batch}", f"--repeats={args.repeats}", f"--dtype={args.dtype}"]
+             f"--batch={args.batch}", f"--repeats={args.repeats}", f"--dtype={args.dtype}", f"--width={args.width}"]
   return _mpix(run_and_collect(command, what=" ".join(command)))
 
 
@@ -94,7 +97,9 @@ def parse_args(argv=None):
   parser.add_argument("--batch", type=int, default=2, help="crops per step (the paper: 4 per GPU)")
   parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up step")
   parser.add_argument("--rounds", type=int, default=1, help="alternations of ours and the peer per measurement")
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                      help="compute dtype (auto: bfloat16 on GPUs and TPUs, float32 on the CPU)")
+  parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0: the published model)")
   parser.add_argument("--peer-python", default="", help="python of the PyTorch peer's environment")
   parser.add_argument("--peer-script", default="", help="path of the peer's smp_bench.py")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one in-process measurement
@@ -111,7 +116,7 @@ def main(argv=None) -> None:
   if args.worker:
     for model_name in model_names:
       for size in sizes:
-        for record in measure(model_name, size, args.batch, args.repeats, args.dtype):
+        for record in measure(model_name, size, args.batch, args.repeats, args.dtype, args.width):
           emit(record)
     return
   for model_name in model_names:
