@@ -27,8 +27,12 @@ class Checkpointer:
 
   def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2):
     self.directory = pathlib.Path(directory).absolute()
+    # In a multi-process run the processes meet at barriers named after the step; the keep-last and the best-state
+    # managers save the same step at the same time, so each names its barriers after its own folder.
+    multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=self.directory.name)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                             multiprocessing_options=multiprocessing))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
