@@ -123,7 +123,7 @@ def whole_image_worker(args) -> None:
   variables = models.random_variables(models.abstract_variables(model, (1, 64, 64, 1)))
   shape = (args.image_height, args.image_width)
   tile = inference.halo_tile(shape, args.tile, args.halo)
-  forward = inference.make_tile_forward(model, variables, mean=0.5, std=0.25, mesh=predict.local_mesh(args.batch))
+  forward = inference.make_tile_forward(model, variables, mean=0.5, std=0.25, mesh=predict.prediction_mesh(args.batch))
   started = time.perf_counter()
   jax.block_until_ready(forward(np.zeros((args.batch, tile, tile, 1), np.uint8)))
   compile_s = time.perf_counter() - started

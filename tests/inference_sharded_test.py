@@ -58,7 +58,7 @@ _SCRIPT = textwrap.dedent("""
       result = forwards[batch_size](tiles[:batch_size])
       report[f"batch{batch_size}"] = {"diff": max_diff(result, reference[:batch_size]),
                                       "devices": devices_of(result)}
-    meshes = {b: predict.local_mesh(b) for b in (1, 3, 7, 12, 16)}
+    meshes = {b: predict.prediction_mesh(b) for b in (1, 3, 7, 12, 16)}
     report["mesh_sizes"] = {str(b): None if mesh is None else mesh.size for b, mesh in meshes.items()}
 
     # Whole images through predict_logits, blended and halo mode: the tile batch split over 8 devices or not.

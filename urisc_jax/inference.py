@@ -106,26 +106,36 @@ def tile_forward_binder(model, *, mean: float, std: float, tta: int = 1,
   """Jits the tile forward once and returns `bind(variables) -> TileForward`.
 
   Binding new variables reuses the compiled executable: validation during training binds each new state without
-  recompiling. See `make_tile_forward` for what the forward computes.
+  recompiling. See `make_tile_forward` for what the forward computes. With a mesh that spans processes (a
+  multi-host run), every process calls the forward with the same tiles, its devices compute their share, and every
+  process gets all the logits back.
   """
   forward = tile_forward_function(model, mean=mean, std=std, tta=tta)
   # Variables are an argument, not constants baked into the executable: less memory and a faster compile.
   if mesh is None:
     jitted = jax.jit(forward)
     return lambda variables: functools.partial(jitted, variables)
-  replicated = sharding.replicated(mesh)
   tile_sharding = sharding.batch_sharding(mesh)
   data_size = sharding.data_parallel_size(mesh)
-  jitted = jax.jit(forward, in_shardings=(replicated, tile_sharding))
+  across_processes = sharding.spans_processes(mesh)
+  # Across processes, the program gathers every tile's logits onto every device: each process gets the whole
+  # batch back and assembles the same image (so validation scores, thresholds and written predictions agree).
+  jitted = jax.jit(forward, in_shardings=(sharding.replicated(mesh), tile_sharding),
+                   out_shardings=sharding.replicated(mesh) if across_processes else None)
 
   def bind(variables):
-    variables = jax.device_put(variables, replicated)
+    variables = sharding.replicate(variables, mesh)
 
     def sharded_forward(tiles):
       if tiles.shape[0] % data_size:
         raise ValueError(f"A batch of {tiles.shape[0]} tiles cannot be split over the {data_size} devices of the "
                          "mesh's data axis: make config.predict.batch_size a multiple of the device count.")
-      return jitted(variables, jax.device_put(tiles, tile_sharding))
+      if not across_processes:
+        return jitted(variables, jax.device_put(tiles, tile_sharding))
+      # Every process holds the same batch and hands its devices only their share.
+      local = np.asarray(tiles)[sharding.process_rows(tile_sharding, tiles.shape)]
+      logits = jitted(variables, jax.make_array_from_process_local_data(tile_sharding, local, tiles.shape))
+      return logits.addressable_data(0)
 
     return sharded_forward
 

@@ -11,18 +11,21 @@ Modes:
   criteria  image definition criteria (Brenner, SMD2, Variance, Vollath) of images and their downsampled versions
   attribute integrated gradients of sampled true-positive, false-positive and false-negative pixels of the trained
             model and their attribution fields S_k: workdir/attribution/ (stats.json, targets.json, figures)
+
+A process of a multi-process run (one per host, or per GPU) adds --distributed (JAX finds the job: SLURM, Cloud TPU
+pods) or --coordinator_address=HOST:PORT --num_processes=N --process_id=I; train, predict and attribute then run on
+all processes together and process 0 writes the results; evaluate, prepare and criteria run on process 0 alone.
+A run stopped by SIGTERM saves a checkpoint and exits with status 143; rerunning the same command resumes it.
 """
 
 import json
-import os
 import pathlib
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from urisc_jax import platforms
+from urisc_jax import multihost, platforms
 
 MODES = ("train", "predict", "evaluate", "prepare", "criteria", "attribute")
 
@@ -30,6 +33,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, predictions and metrics.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+# A process of a multi-process run (see README, Scaling out): either --distributed (JAX finds the job: SLURM, Cloud
+# TPU pods, ...) or the explicit three, e.g. N processes on one machine.
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-process job that JAX detects (SLURM, TPU pod).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index, 0 .. num_processes - 1.")
+_LOCAL_DEVICES = flags.DEFINE_string("local_device_ids", "", "Local devices this process drives, e.g. 0,1.")
 
 
 def _record_run(config, workdir: pathlib.Path) -> None:
@@ -48,6 +58,8 @@ def run(config, workdir: pathlib.Path, mode: str) -> dict | list:
   if mode == "predict":
     from urisc_jax import predict
     return [str(p) for p in predict.predict_files(config, workdir)]
+  if mode in ("evaluate", "prepare", "criteria") and not multihost.is_writer():
+    return {}  # Host work on files: process 0 does it for the job.
   if mode == "evaluate":
     from urisc_jax.evaluation import report
     if not config.eval.pred_dir or not config.eval.gt_dir:
@@ -93,16 +105,25 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax and JAX log every checkpoint step at INFO; keep the console to progress bars and results.
     logging.set_verbosity(logging.WARNING)
-  if _multi_host_requested():
+  try:
+    options = multihost.distributed_options(
+        distributed=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value, local_device_ids=_LOCAL_DEVICES.value)
     # Before any other JAX call: every process joins the job, then sees all hosts' devices.
-    jax.distributed.initialize()
+    multihost.initialize(options)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   workdir = pathlib.Path(_WORKDIR.value)
   config = _CONFIG.value
   platforms.enable_compilation_cache(config.get("compilation_cache", "default"))
-  if jax.process_index() == 0:
+  if multihost.is_writer():
     _record_run(config, workdir)
-  result = run(config, workdir, _MODE.value)
-  if jax.process_index() == 0 and isinstance(result, dict):
+  try:
+    result = run(config, workdir, _MODE.value)
+  except multihost.Preempted as stopped:
+    print(stopped, file=sys.stderr)
+    sys.exit(multihost.PREEMPTED_EXIT_CODE)
+  if multihost.is_writer() and isinstance(result, dict):
     print(json.dumps(_headline(result), indent=2, sort_keys=True, default=float))
 
 
@@ -117,16 +138,6 @@ def _headline(result: dict) -> dict:
     elif not isinstance(value, list):
       headline[key] = value
   return headline
-
-
-def _multi_host_requested() -> bool:
-  """True when the environment describes a multi-process job: a SLURM step with several tasks, a TPU VM pod
-  slice with several workers, or an explicit coordinator address."""
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    return True
-  if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-    return True
-  return int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from urisc_jax import checkpoint, inference, optim, outputs, postprocess, state
+from urisc_jax import checkpoint, inference, multihost, optim, outputs, postprocess, sharding, state
 from urisc_jax.data import sources
 from urisc_jax.data.prepare import PreparedImage
 from urisc_jax.evaluation import f1 as official
@@ -27,24 +27,31 @@ THRESHOLD_CANDIDATES = np.round(np.arange(0.02, 0.99, 0.02), 2)
 THRESHOLD_FILE = "threshold.json"
 
 
-def local_mesh(batch_size: int) -> Mesh | None:
-  """A data-parallel mesh for prediction over this host's devices (each host predicts its own images).
+def prediction_mesh(batch_size: int) -> Mesh | None:
+  """The data-parallel mesh a batch of `batch_size` tiles is split over; None for one device.
 
-  It takes the most local devices that split a batch of `batch_size` tiles evenly (6 tiles on 8 devices: 6
-  devices); None when that is one device.
+  One process: the most local devices that split the batch evenly (6 tiles on 8 devices: 6 devices). Several
+  processes (a multi-host run): the same number of devices from every process, the most that split each process's
+  equal share of the batch, so that all hosts compute every image together.
   """
-  devices = jax.local_devices()
-  count = max(n for n in range(1, min(len(devices), batch_size) + 1) if batch_size % n == 0)
-  return None if count == 1 else Mesh(np.asarray(devices[:count]), ("data",))
+  processes = jax.process_count()
+  if batch_size <= 0 or batch_size % processes:
+    raise ValueError(f"config.predict.batch_size={batch_size} must be a positive multiple of the {processes} "
+                     "processes of this run (each computes an equal share of every batch of tiles).")
+  share = batch_size // processes
+  per_process = max(n for n in range(1, min(jax.local_device_count(), share) + 1) if share % n == 0)
+  if processes == 1:
+    return None if per_process == 1 else Mesh(np.asarray(jax.local_devices()[:per_process]), ("data",))
+  by_process = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  devices = [d for p in range(processes) for d in [d for d in by_process if d.process_index == p][:per_process]]
+  return Mesh(np.asarray(devices), ("data",))
 
 
 def tile_forward_binder(config, model):
   """`bind(variables) -> TileForward` for `config.predict`, compiled once however many variables get bound; the
-  batch of tiles is split over as many local devices as divide it."""
-  if config.predict.batch_size <= 0:
-    raise ValueError(f"config.predict.batch_size must be positive, got {config.predict.batch_size}.")
+  batch of tiles is split over `prediction_mesh`."""
   return inference.tile_forward_binder(model, mean=config.data.mean, std=config.data.std, tta=config.predict.tta,
-                                       mesh=local_mesh(config.predict.batch_size))
+                                       mesh=prediction_mesh(config.predict.batch_size))
 
 
 def tile_forward(config, model, variables) -> inference.TileForward:
@@ -161,24 +168,34 @@ def write_outputs(out_dir: pathlib.Path, name: str, image: np.ndarray, probabili
 
 
 def predict_and_score(forward, images: list[PreparedImage], config, *, threshold: float,
-                      out_dir: pathlib.Path) -> dict:
-  """Predicts each labelled image, writes its outputs, and scores the written submission officially."""
+                      out_dir: pathlib.Path) -> dict | None:
+  """Predicts each labelled image, writes its outputs, and scores the written submission officially.
+
+  In a multi-host run every process predicts (each computes its share of the tiles) and process 0 writes and
+  scores; the others return None.
+  """
+  writer = multihost.is_writer()
   per_image = []
-  for im in tqdm(images, desc="test", unit="image"):
+  for im in tqdm(images, desc="test", unit="image", disable=not writer):
     image = np.asarray(im.image())
     probability = probabilities(forward, image, config.predict)
+    if not writer:
+      continue
     membrane = membrane_mask(probability, threshold, config.predict)
     gt = ground_truth(im)
     write_outputs(out_dir, im.name, image, probability, membrane, gt < 255)
     scores = score_submission(official.read_gray8(out_dir / f"{im.name}.tiff"), gt, gt_mode=config.eval.gt_mode)
     per_image.append({"name": im.name, **scores})
+  if not writer:
+    return None
   mean, sem = official.mean_and_sem([r["f1"] for r in per_image])
   return {"f1": mean, "f1_sem": sem, "precision": float(np.mean([r["precision"] for r in per_image])),
           "recall": float(np.mean([r["recall"] for r in per_image])), "per_image": per_image}
 
 
 def restore_variables(config, workdir: pathlib.Path, model) -> tuple[dict, int, dict]:
-  """({"params", "batch_stats"}, step, meta) of the latest checkpoint in workdir/checkpoints, on the first device."""
+  """({"params", "batch_stats"}, step, meta) of the latest checkpoint in workdir/checkpoints, on the first local
+  device (in a multi-host run: replicated over every device, which all processes restore together)."""
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints")
   step = checkpointer.latest_step()
   if step is None:
@@ -186,8 +203,11 @@ def restore_variables(config, workdir: pathlib.Path, model) -> tuple[dict, int, 
                             "--workdir of a trained run.")
   tx = optim.optimizer_from_config(config.optim, config.train.num_steps)
   abstract = jax.eval_shape(lambda rng: state.init_state(model, tx, rng, config.data.crop_size), jax.random.key(0))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  if jax.process_count() == 1:
+    placement = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  else:
+    placement = sharding.replicated(sharding.mesh_from_config((("data", -1),)))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), abstract)
   restored, _, meta = checkpointer.restore(step, target)
   checkpointer.close()
   return {"params": restored.params, "batch_stats": restored.batch_stats}, step, meta
@@ -223,10 +243,12 @@ def predict_files(config, workdir: pathlib.Path) -> list[pathlib.Path]:
   threshold = decision_threshold(config, workdir, step)
   forward = tile_forward(config, model, variables)
   out_dir = pathlib.Path(config.predict.output or workdir / "predictions")
+  writer = multihost.is_writer()  # every process predicts (its share of the tiles), process 0 writes
   written = []
-  for path in tqdm(sources.image_files(config.predict.input), desc="predict", unit="image"):
+  for path in tqdm(sources.image_files(config.predict.input), desc="predict", unit="image", disable=not writer):
     image = sources.read_image(path)
     probability = probabilities(forward, image, config.predict)
-    write_outputs(out_dir, path.stem, image, probability, membrane_mask(probability, threshold, config.predict))
-    written.append(out_dir / f"{path.stem}.tiff")
+    if writer:
+      write_outputs(out_dir, path.stem, image, probability, membrane_mask(probability, threshold, config.predict))
+      written.append(out_dir / f"{path.stem}.tiff")
   return written

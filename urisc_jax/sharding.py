@@ -23,7 +23,8 @@ def mesh_from_config(mesh_axes: Sequence[tuple[str, int]], devices: Sequence[jax
   Returns:
     A `jax.sharding.Mesh` whose axis sizes multiply to the number of devices.
   """
-  devices = list(jax.devices() if devices is None else devices)
+  # Grouped by process, so that each host's devices hold a contiguous block of the batch.
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id)) if devices is None else list(devices)
   names = tuple(name for name, _ in mesh_axes)
   sizes = [int(size) for _, size in mesh_axes]
   if len(set(names)) != len(names):
@@ -53,6 +54,62 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def spans_processes(mesh: Mesh) -> bool:
+  """Whether the mesh holds devices of other processes (a multi-host mesh)."""
+  return any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+
+
+def replicate(tree, mesh: Mesh):
+  """`tree` (arrays or numpy) placed whole on every device of `mesh`.
+
+  Arrays replicated on another mesh (the training mesh, when validation runs on a prediction mesh) are copied from
+  this process's own replica, device to device: `jax.device_put` refuses to move data between hosts, and a
+  replicated array needs none moved.
+  """
+  target = replicated(mesh)
+  if not spans_processes(mesh):
+    return jax.device_put(tree, target)
+  local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+
+  def put(x):
+    local = x.addressable_data(0) if isinstance(x, jax.Array) else np.asarray(x)
+    return jax.make_array_from_single_device_arrays(local.shape, target,
+                                                     [jax.device_put(local, d) for d in local_devices])
+
+  return jax.tree.map(put, tree)
+
+
+def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:
+  """The rows [start, stop) of a global array of `shape` that this process's devices hold under `sharding` (the
+  leading axis sharded over devices grouped by process, as `batch_sharding` does)."""
+  index_map = sharding.addressable_devices_indices_map(tuple(shape))
+  rows = [index[0].indices(shape[0])[:2] for index in index_map.values()]
+  return slice(min(start for start, _ in rows), max(stop for _, stop in rows))
+
+
+def check_spatial_axis_within_hosts(mesh: Mesh) -> None:
+  """Raises a ValueError when a crop's rows would be split over devices of different processes.
+
+  Each process loads whole crops for its share of the batch; a `spatial` axis that crossed hosts would need each
+  process to load only some rows of crops that other processes load too.
+  """
+  if "spatial" not in mesh.axis_names:
+    return
+  processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
+  if spatial_groups_cross_processes(processes, mesh.axis_names.index("spatial")):
+    raise ValueError(
+        f"config.mesh {dict(mesh.shape)} splits a crop's rows over devices of different processes (hosts): the "
+        f"'spatial' axis of {spatial_size(mesh)} devices must fit in one host's {jax.local_device_count()} devices. "
+        "Use a smaller spatial axis, or none, e.g. --config.mesh='((\"data\", -1),)'.")
+
+
+def spatial_groups_cross_processes(process_grid: np.ndarray, spatial_axis: int) -> bool:
+  """Whether any line of `process_grid` (each device's process index, laid out as the mesh) along `spatial_axis`
+  holds more than one process."""
+  lines = np.moveaxis(process_grid, spatial_axis, -1).reshape(-1, process_grid.shape[spatial_axis])
+  return bool((lines != lines[:, :1]).any())
 
 
 def data_parallel_size(mesh: Mesh) -> int:

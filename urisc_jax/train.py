@@ -7,7 +7,6 @@ all-reduces). The loop restores the latest checkpoint (model, optimizer, step an
 """
 
 import pathlib
-import signal
 import time
 
 import flax.linen as nn
@@ -17,7 +16,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from urisc_jax import checkpoint, losses, models, optim, outputs, predict, run_log, sharding
+from urisc_jax import checkpoint, losses, models, multihost, optim, outputs, predict, run_log, sharding
 from urisc_jax.data import dataset, pipeline
 from urisc_jax.data.normalize import normalize
 from urisc_jax.data.prepare import PreparedImage
@@ -84,29 +83,6 @@ def compile_train_step(train_step, state: TrainState, state_shardings, mesh, glo
   return compiled, time.perf_counter() - started
 
 
-class _StopRequest:
-  """Turns SIGTERM (preemption, scancel) into a flag the loop checks, so it can save before exiting."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: leave signals alone.
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 class NonFiniteLossError(FloatingPointError):
   pass
 
@@ -125,10 +101,11 @@ def validate(config, bind_forward, state: TrainState, val_images: list[PreparedI
     val_images: prepared, labelled validation images.
 
   Returns:
-    {"threshold", "val_f1", "val_images", "postprocess"} as `predict.choose_threshold` gives them.
+    {"threshold", "val_f1", "val_images", "postprocess"} as `predict.choose_threshold` gives them; in a multi-host
+    run (every process computes its share of the tiles) process 0's, so that every process decides alike on it.
   """
   forward = bind_forward({"params": state.params, "batch_stats": state.batch_stats})
-  return predict.choose_threshold(forward, val_images, config)
+  return multihost.broadcast_object(predict.choose_threshold(forward, val_images, config))
 
 
 def check_transfer(config) -> None:
@@ -160,6 +137,7 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
   workdir = pathlib.Path(workdir)
   check_transfer(config)
   mesh = sharding.mesh_from_config(config.mesh)
+  sharding.check_spatial_axis_within_hosts(mesh)
   sharding.check_spatial_split(mesh, config.data.crop_size, stride=models.input_multiple(config.model.name))
   num_steps = config.train.num_steps
   global_batch = config.train.batch_size
@@ -199,15 +177,15 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
       make_train_step(model, tx, loss_fn, deep_supervision=config.loss.get("deep_supervision", False),
                       **normalization),
       state, state_shardings, mesh, global_batch, config.data.crop_size, step_rng)
-  logger = run_log.MetricsLogger(workdir, enabled=jax.process_index() == 0)
+  logger = run_log.MetricsLogger(workdir, enabled=multihost.is_writer())
   eval_every = config.train.get("eval_every", 0) if val_images else 0
   best = checkpoint.BestCheckpoint(workdir / "checkpoints_best") if eval_every else None
   bind_forward = predict.tile_forward_binder(config, model) if eval_every else None
   validation = None
-  pending, started, images_seen = [], None, 0
+  pending, started, images_seen, validation_seconds = [], None, 0, []
   step = start_step
-  with _StopRequest() as stop, tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
-                                    disable=not progress or jax.process_index() != 0) as bar:
+  with multihost.StopRequest() as stop, tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
+                                    disable=not progress or not multihost.is_writer()) as bar:
     while step < num_steps:
       batch = sharding.global_batch_from_local(mesh, next(data_iter))
       state, metrics = step_fn(state, batch, step_rng)
@@ -233,31 +211,34 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
               "check the data.")
         averaged["learning_rate"] = float(learning_rate(step - 1))
         if evaluate:
+          validation_started = time.perf_counter()
           validation = {"step": step, **validate(config, bind_forward, state, val_images)}
+          validation_seconds.append(time.perf_counter() - validation_started)
           averaged.update(val_f1=validation["val_f1"], val_threshold=validation["threshold"])
           best.offer(step, state, validation["val_f1"], meta={"threshold": validation["threshold"], **meta})
         logger.write(step, averaged)
         bar.set_postfix(loss=f"{averaged['loss']:.4f}",
                         **({"val_f1": f"{validation['val_f1']:.4f}"} if validation else {}))
       bar.update(1)
-      if final or stop.requested or step % config.train.checkpoint_every == 0:
+      stopping = stop.should_stop(step)  # the same answer on every process, at the same step
+      if final or stopping or step % config.train.checkpoint_every == 0:
         checkpointer.save(step, state, data=data_iter.get_state(), meta={"step": step, **meta})
-      if stop.requested and not final:
+      if stopping and not final:
         checkpointer.close()
         if best:
           best.close()
         logger.close()
-        raise SystemExit(f"SIGTERM received: saved step {step} to {checkpointer.directory}; rerun the same "
-                         "command to resume.")
+        raise multihost.Preempted(f"SIGTERM received: saved step {step} to {checkpointer.directory}; rerun the "
+                                  "same command to resume.")
   checkpointer.close()
   if best:
     best.close()
   logger.close()
-  if jax.process_index() == 0 and (workdir / "metrics.jsonl").exists():
+  if multihost.is_writer() and (workdir / "metrics.jsonl").exists():
     run_log.plot_curves(workdir / "metrics.jsonl", workdir / "loss_curve.png")
   elapsed = time.perf_counter() - started if started else 0.0
   summary = {"steps": num_steps, "resumed_from": start_step, "train_seconds": elapsed,
-             "compile_seconds": {"train_step": compile_seconds},
+             "compile_seconds": {"train_step": compile_seconds}, "validation_seconds": validation_seconds,
              "images_per_second": images_seen / elapsed if elapsed else None, "validation": validation,
              "best": {"step": best.best_step, "val_f1": best.best_score} if best else None, **meta}
   return model, state, summary
@@ -285,13 +266,15 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   workdir = pathlib.Path(workdir)
   check_transfer(config)
   started = time.perf_counter()
-  splits = {name: dataset.prepared_split(config.data, workdir, getattr(config.data, f"{name}_split"))
-            for name in ("train", "val", "test")}
+  # In a multi-host run process 0 writes the dataset and the decode cache first; the others then read them.
+  splits = multihost.first_then_others(
+      lambda: {name: dataset.prepared_split(config.data, workdir, getattr(config.data, f"{name}_split"),
+                                            progress=multihost.is_writer())
+               for name in ("train", "val", "test")}, "prepare data")
   model, state, train_summary = train(config, workdir, splits["train"], splits["val"])
   # Predict with the normalization the model was trained with (a transfer checkpoint may have set it).
   config.data.mean, config.data.std = train_summary["normalization"]["mean"], train_summary["normalization"]["std"]
-  if jax.process_index() != 0:
-    return {}
+  # Every process predicts (each computes its share of every batch of tiles); process 0 writes and scores.
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   forward = predict.tile_forward(config, model, variables)
   step = int(state.step)
@@ -301,12 +284,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   elif last_validation and last_validation["step"] == step:  # Validated at the last step while training.
     chosen = {k: v for k, v in last_validation.items() if k != "step"}
   elif splits["val"]:
-    chosen = predict.choose_threshold(forward, splits["val"], config)
+    chosen = multihost.broadcast_object(predict.choose_threshold(forward, splits["val"], config))
   else:
     chosen = {"threshold": 0.5, "val_f1": None, "val_images": []}
-  outputs.write_json(workdir / predict.THRESHOLD_FILE, {"step": step, **chosen})
   test = predict.predict_and_score(forward, splits["test"], config, threshold=chosen["threshold"],
                                    out_dir=workdir / "predictions")
+  if not multihost.is_writer():
+    return {}
+  outputs.write_json(workdir / predict.THRESHOLD_FILE, {"step": step, **chosen})
   baseline = predict.intensity_baseline(splits["train"], splits["test"], gt_mode=config.eval.gt_mode)
   if splits["test"]:
     first = workdir / "predictions" / "overlays" / f"{splits['test'][0].name}.png"

@@ -15,10 +15,11 @@ Outputs under workdir/attribution/:
 
 import pathlib
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
-from urisc_jax import outputs, predict, state
+from urisc_jax import multihost, outputs, predict, state
 from urisc_jax.attribution import fields, figures, receptive_field
 from urisc_jax.attribution import integrated_gradients as ig
 from urisc_jax.data import dataset
@@ -55,6 +56,26 @@ def _completeness_summary(entries: list[dict]) -> dict:
           "median_abs_gap_rel": float(np.median(finite)) if finite.size else None}
 
 
+def _this_process_share(counts: list[int]) -> list[list[int]]:
+  """For images with `counts` targets each, the indices of each image's targets this process attributes: every P-th
+  target in image order, so that processes get equal shares."""
+  position, shares = 0, []
+  for count in counts:
+    shares.append([k for k in range(count) if (position + k) % jax.process_count() == jax.process_index()])
+    position += count
+  return shares
+
+
+def _figure_targets(targets) -> set[int]:
+  """Indices of the targets a Figure-8 panel shows: the first FIGURE_TARGETS_PER_OUTCOME of each outcome."""
+  chosen, drawn = set(), {o: 0 for o in fields.OUTCOMES}
+  for k, target in enumerate(targets):
+    if drawn[target.outcome] < FIGURE_TARGETS_PER_OUTCOME:
+      drawn[target.outcome] += 1
+      chosen.add(k)
+  return chosen
+
+
 def attribute(config, workdir: str | pathlib.Path) -> dict:
   """Runs the attribution study of a trained run and writes workdir/attribution/ (see the module docstring).
 
@@ -78,7 +99,8 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
     config.data.mean, config.data.std = meta["normalization"]["mean"], meta["normalization"]["std"]
   mean, std = float(config.data.mean), float(config.data.std)
   split = _split_name(config)
-  images = dataset.prepared_split(config.data, workdir, split)
+  images = multihost.first_then_others(
+      lambda: dataset.prepared_split(config.data, workdir, split, progress=multihost.is_writer()), "prepare data")
   if not images:
     raise ValueError(f"No images in split {split!r} of the configured dataset: nothing to attribute.")
   threshold = predict.decision_threshold(config, workdir, step)
@@ -86,11 +108,13 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
   logit_fn = ig.ModelLogits(model)
   radius = receptive_field.model_receptive_field_radius(model) if cfg.crop == "receptive_field" else None
   k_grid = [float(k) for k in cfg.k_grid]
+  writer = multihost.is_writer()
 
   # Predict every image and draw its targets first, so that the progress bar knows the total. Only the targets and
-  # the predicted mask (one bit per pixel) are kept: a U-RISC image is 100 Mpixel.
+  # the predicted mask (one bit per pixel) are kept: a U-RISC image is 100 Mpixel. In a multi-host run every
+  # process predicts (its share of the tiles) and draws the same targets.
   plans = []
-  for index, im in enumerate(tqdm(images, desc="predict", unit="image", leave=False)):
+  for index, im in enumerate(tqdm(images, desc="predict", unit="image", leave=False, disable=not writer)):
     probability = predict.probabilities(forward, np.asarray(im.image()), config.predict)
     predicted = predict.membrane_mask(probability, threshold, config.predict)
     targets = fields.sample_targets(predicted, np.asarray(im.label()) > 0, cfg.num_targets, seed=(cfg.seed, index),
@@ -98,40 +122,52 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
     plans.append((index, im, np.packbits(predicted), targets, [float(probability[t.row, t.col]) for t in targets]))
     del probability, predicted
 
-  entries, areas = [], []
-  with tqdm(total=sum(len(p[3]) for p in plans), desc="attribute", unit="pixel") as bar:
-    for index, im, packed_prediction, targets, target_probabilities in plans:
-      image = im.image()
-      target_of = {(t.row, t.col): (t, p) for t, p in zip(targets, target_probabilities)}
-      panels, drawn = [], {o: 0 for o in fields.OUTCOMES}
+  # Each process attributes every P-th target on its own first device; the results are gathered on every process.
+  share = _this_process_share([len(plan[3]) for plan in plans])
+  local_variables = multihost.local_copy(variables)
+  entries, panels = [], []
+  with tqdm(total=sum(len(mine) for mine in share), desc="attribute", unit="pixel", disable=not writer) as bar:
+    for (index, im, _, targets, target_probabilities), mine in zip(plans, share):
+      if not mine:
+        continue
+      order = {(targets[k].row, targets[k].col): k for k in mine}
+      drawn = _figure_targets(targets)
       results = ig.iter_attributions(
-          logit_fn, variables, image, [(t.row, t.col) for t in targets], mean=mean, std=std, baseline=cfg.baseline,
-          radius=radius, steps=cfg.steps, method=cfg.method, chunk_size=cfg.chunk_size,
-          targets_per_pass=cfg.targets_per_pass, seed=(cfg.seed, index), blur_sigma=cfg.blur_sigma)
+          logit_fn, local_variables, im.image(), [(targets[k].row, targets[k].col) for k in mine], mean=mean,
+          std=std, baseline=cfg.baseline, radius=radius, steps=cfg.steps, method=cfg.method,
+          chunk_size=cfg.chunk_size, targets_per_pass=cfg.targets_per_pass, seed=(cfg.seed, index),
+          blur_sigma=cfg.blur_sigma)
       for result in results:
         maps = result.maps
         target_areas = fields.field_areas(maps, k_grid, pixel_nm=cfg.pixel_nm)
         normalized = fields.normalize_attributions(maps)
         for i, (row, col) in enumerate(result.targets.tolist()):
-          target, probability = target_of[(row, col)]
-          entries.append({
-              "image": im.name, "y": row, "x": col, "outcome": target.outcome, "probability": probability,
+          k = order[(row, col)]
+          target = targets[k]
+          entries.append(((index, k), {
+              "image": im.name, "y": row, "x": col, "outcome": target.outcome,
+              "probability": target_probabilities[k],
               "logit": float(result.logits[i]), "baseline_logit": float(result.baseline_logits[i]),
               "completeness_gap": float(result.completeness_gap[i]),
               "completeness_gap_rel": float(result.completeness_gap_rel[i]),
               "s_k_nm2": target_areas[i].tolist(),
               "window": {"top": result.origin[0], "left": result.origin[1], "height": int(maps.shape[1]),
-                         "width": int(maps.shape[2])}})
-          areas.append(target_areas[i])
-          if drawn[target.outcome] < FIGURE_TARGETS_PER_OUTCOME:
-            drawn[target.outcome] += 1
-            panels.append({"row": row, "col": col, "outcome": target.outcome, "map": normalized[i],
-                           "origin": result.origin})
+                         "width": int(maps.shape[2])}}))
+          if k in drawn:
+            panels.append(((index, k), {"row": row, "col": col, "outcome": target.outcome, "map": normalized[i],
+                                        "origin": result.origin}))
         bar.update(len(result.targets))
-      predicted = np.unpackbits(packed_prediction, count=int(np.prod(im.shape))).reshape(im.shape).astype(bool)
-      figures.plot_figure8(out_dir / f"figure8_{im.name}.png", image, predicted, np.asarray(im.label()) > 0,
-                           sorted(panels, key=lambda p: fields.OUTCOMES.index(p["outcome"])),
-                           title=f"{im.name}: integrated gradients ({cfg.steps} steps, {cfg.baseline} baseline)")
+  entries = [entry for _, entry in sorted(sum(multihost.gather_objects(entries), []), key=lambda e: e[0])]
+  panels = sorted(sum(multihost.gather_objects(panels), []), key=lambda p: p[0])
+  if not writer:
+    return {}
+  for index, im, packed_prediction, _, _ in plans:
+    image_panels = [panel for (i, _), panel in panels if i == index]
+    predicted = np.unpackbits(packed_prediction, count=int(np.prod(im.shape))).reshape(im.shape).astype(bool)
+    figures.plot_figure8(out_dir / f"figure8_{im.name}.png", im.image(), predicted, np.asarray(im.label()) > 0,
+                         sorted(image_panels, key=lambda p: fields.OUTCOMES.index(p["outcome"])),
+                         title=f"{im.name}: integrated gradients ({cfg.steps} steps, {cfg.baseline} baseline)")
+  areas = [np.asarray(e["s_k_nm2"]) for e in entries]
 
   # The U-RISC track only means something for release-layout sources.
   where = f"{config.data.track}/{split}" if config.data.source in ("synthetic", "urisc") else split
