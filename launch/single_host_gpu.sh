@@ -20,19 +20,8 @@ config=$1
 workdir=$2
 shift 2
 
-# Prints its arguments as one bash command line: words of plain characters stay bare, every other word is put in
-# single quotes (each ' written as '\''), which bash, sh and zsh all read back as the same word.
-quote() {
-  local a words=()
-  for a in "$@"; do
-    if [[ -n $a && $a != *[!A-Za-z0-9_./=:,@%+-]* ]]; then
-      words+=("$a")
-    else
-      words+=("'${a//\'/\'\\\'\'}'")
-    fi
-  done
-  printf '%s\n' "${words[*]}"
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cmd=(env "XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
      "${PYTHON:-python}" -m urisc_jax.main "--config=$config" "--workdir=$workdir" "$@")

@@ -53,29 +53,8 @@ if [[ ${DRY_RUN:-0} != 0 ]]; then
   dry_run=1
 fi
 
-# Prints its arguments as one bash command line: words of plain characters stay bare, every other word is put in
-# single quotes (each ' written as '\''), which bash, sh and zsh all read back as the same word. The remote
-# commands below are such lines: the worker's shell reads them back into exactly these words.
-quote() {
-  local a words=()
-  for a in "$@"; do
-    if [[ -n $a && $a != *[!A-Za-z0-9_./=:,@%+-]* ]]; then
-      words+=("$a")
-    else
-      words+=("'${a//\'/\'\\\'\'}'")
-    fi
-  done
-  printf '%s\n' "${words[*]}"
-}
-
-# Runs a command, or under DRY_RUN prints it instead.
-run() {
-  if ((dry_run)); then
-    quote "$@"
-  else
-    "$@"
-  fi
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Runs a command line on the workers given by --worker (0 or all), in each worker's home folder.
 on_workers() {

@@ -21,6 +21,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
+LAUNCHERS = [p for p in SCRIPTS if p.name != "lib.sh"]  # lib.sh holds what they share, sourced
 SBATCH = LAUNCH / "slurm_multinode.sbatch"
 CONFIG = "configs/default.py"
 # Flags a shell would mangle if a launcher spliced them into a command line unquoted: spaces, both quotes,
@@ -84,7 +85,9 @@ def test_scripts_are_clean_under_shellcheck(script):
   shellcheck = _shellcheck()
   if shellcheck is None:
     pytest.skip("no shellcheck executable beside sys.executable or on PATH (pip install -r requirements.txt)")
-  out = subprocess.run([shellcheck, "--shell=bash", str(script)], capture_output=True, text=True, timeout=60)
+  # --external-sources, from the repository root: the scripts' `source launch/lib.sh` is checked too.
+  out = subprocess.run([shellcheck, "--shell=bash", "--external-sources", str(script.relative_to(REPO))], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -97,7 +100,7 @@ def test_single_host_dry_run_passes_flags_unchanged():
 
 
 def test_usage_errors_name_the_arguments():
-  for script in SCRIPTS:
+  for script in LAUNCHERS:
     out = subprocess.run(["bash", str(script)], env=_env(DRY_RUN="1"), capture_output=True, text=True, timeout=10)
     assert out.returncode == 2 and "usage:" in out.stderr and out.stdout == "", script.name
 
