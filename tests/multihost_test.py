@@ -20,14 +20,17 @@ import numpy as np
 import pytest
 import tifffile
 
-from urisc_jax import multihost, sharding
+from configs import tiny
+from urisc_jax import multihost, predict, sharding, state
+from urisc_jax.data import dataset
 from urisc_jax.evaluation import f1 as official
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 12
 # Long enough that a SIGTERM after step 1 lands well before the end; validation at 6 and 12 (best checkpoint and the
-# threshold), checkpoints every 2 steps.
-FLAGS = [f"--config.train.num_steps={STEPS}", "--config.train.eval_every=6", "--config.train.checkpoint_every=2"]
+# threshold) on 2 images, so that 2 processes validate one each; checkpoints every 2 steps.
+FLAGS = [f"--config.train.num_steps={STEPS}", "--config.train.eval_every=6", "--config.train.checkpoint_every=2",
+         "--config.data.synthetic.num_val=2"]
 
 
 def _free_port() -> int:
@@ -120,6 +123,22 @@ def test_two_processes_train_like_one_process_on_the_same_global_batch(runs):
   print(f"1 process x 4 devices: {runs['seconds']['single']:.0f} s, 2 processes x 2 devices: "
         f"{runs['seconds']['double']:.0f} s; validations {single_metrics['train']['validation_seconds']} s vs "
         f"{double_metrics['train']['validation_seconds']} s")
+
+
+def test_validation_shared_by_two_processes_scores_like_one_process(runs):
+  """Each of the 2 processes validated one of the 2 images on its own devices; one process here scores both with the
+  same final state."""
+  config = tiny.get_config()
+  config.data.root = str(runs["tmp"] / "data")
+  config.data.synthetic.num_val = 2
+  model = state.build_model(config.model)
+  variables, step, _ = predict.restore_variables(config, runs["double"], model)
+  images = dataset.prepared_split(config.data, runs["double"], config.data.val_split, progress=False)
+  chosen = predict.choose_threshold(predict.tile_forward(config, model, variables), images, config)
+  metrics = json.loads((runs["double"] / "metrics.json").read_text())
+  assert step == STEPS and len(images) == 2
+  assert chosen["val_f1"] == pytest.approx(metrics["val_f1"], abs=1e-3)
+  assert chosen["threshold"] == pytest.approx(metrics["threshold"], abs=0.021)  # at most one candidate apart
 
 
 def test_process_0_alone_writes_results_and_the_checkpoints_are_whole(runs):

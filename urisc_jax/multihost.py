@@ -147,18 +147,6 @@ def broadcast_object(value: Any) -> Any:
   return pickle.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes())
 
 
-def local_copy(tree: Any) -> Any:
-  """A pytree of replicated arrays as arrays on this process's first device, for work a process does alone (its
-  share of the attribution targets). Arrays already on this process are left as they are."""
-
-  def local(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return x.addressable_data(0)
-    return x
-
-  return jax.tree.map(local, tree)
-
-
 class StopRequest:
   """SIGTERM (preemption, scancel, a time limit) turned into a stop that all processes take after the same step.
 

@@ -27,14 +27,14 @@ THRESHOLD_CANDIDATES = np.round(np.arange(0.02, 0.99, 0.02), 2)
 THRESHOLD_FILE = "threshold.json"
 
 
-def prediction_mesh(batch_size: int) -> Mesh | None:
+def prediction_mesh(batch_size: int, *, local: bool = False) -> Mesh | None:
   """The data-parallel mesh a batch of `batch_size` tiles is split over; None for one device.
 
-  One process: the most local devices that split the batch evenly (6 tiles on 8 devices: 6 devices). Several
-  processes (a multi-host run): the same number of devices from every process, the most that split each process's
-  equal share of the batch, so that all hosts compute every image together.
+  One process, or `local`: the most of this process's devices that split the batch evenly (6 tiles on 8 devices:
+  6 devices). Several processes (a multi-host run): the same number of devices from every process, the most that
+  split each process's equal share of the batch, so that all hosts compute every image together.
   """
-  processes = jax.process_count()
+  processes = 1 if local else jax.process_count()
   if batch_size <= 0 or batch_size % processes:
     raise ValueError(f"config.predict.batch_size={batch_size} must be a positive multiple of the {processes} "
                      "processes of this run (each computes an equal share of every batch of tiles).")
@@ -47,16 +47,16 @@ def prediction_mesh(batch_size: int) -> Mesh | None:
   return Mesh(np.asarray(devices), ("data",))
 
 
-def tile_forward_binder(config, model):
+def tile_forward_binder(config, model, *, local: bool = False):
   """`bind(variables) -> TileForward` for `config.predict`, compiled once however many variables get bound; the
-  batch of tiles is split over `prediction_mesh`."""
+  batch of tiles is split over `prediction_mesh` (this process's devices only with `local`)."""
   return inference.tile_forward_binder(model, mean=config.data.mean, std=config.data.std, tta=config.predict.tta,
-                                       mesh=prediction_mesh(config.predict.batch_size))
+                                       mesh=prediction_mesh(config.predict.batch_size, local=local))
 
 
-def tile_forward(config, model, variables) -> inference.TileForward:
+def tile_forward(config, model, variables, *, local: bool = False) -> inference.TileForward:
   """The jitted tile forward of `config.predict` with `variables` bound."""
-  return tile_forward_binder(config, model)(variables)
+  return tile_forward_binder(config, model, local=local)(variables)
 
 
 def tile_size(image_shape: tuple[int, int], predict_config) -> int:
@@ -108,22 +108,34 @@ def f1_per_threshold(probability: np.ndarray, gt: np.ndarray, predict_config, *,
                                                gt_mode=gt_mode)[0] for t in candidates])
 
 
-def choose_threshold(forward, images: list[PreparedImage], config) -> dict:
+def choose_threshold(forward, images: list[PreparedImage], config, *, local_forward=None) -> dict:
   """The probability threshold that maximises the mean official F1 on `images` (the validation split).
 
   Each image's F1 is computed for all candidates right after its prediction, so only one probability map is held
   at a time. The post-processing of `config.predict.postprocess` is applied as it will be at prediction, and
   recorded with the threshold. Ties go to the lowest threshold.
+
+  In a multi-host run the processes share the work and the F1 curves are gathered, so that every process chooses
+  the same threshold: with at least as many images as processes and a `local_forward` (this process's devices
+  only), each process predicts and scores every P-th image alone, with no collective until the curves meet;
+  otherwise all processes predict every image together with `forward` (over all hosts) and each scores every
+  P-th one.
   """
   if not images:
     raise ValueError("choose_threshold needs at least one validation image; set config.predict.threshold instead.")
-  curves = []
-  for im in tqdm(images, desc="validate", unit="image", leave=False):
-    probability = probabilities(forward, np.asarray(im.image()), config.predict)
-    curves.append(f1_per_threshold(probability, ground_truth(im), config.predict,
-                                   gt_mode=config.eval.gt_mode))
+  processes, me = jax.process_count(), jax.process_index()
+  alone = processes > 1 and local_forward is not None and len(images) >= processes
+  curves = {}
+  for i, im in enumerate(tqdm(images, desc="validate", unit="image", leave=False, disable=not multihost.is_writer())):
+    mine = i % processes == me
+    if alone and not mine:
+      continue
+    probability = probabilities(local_forward if alone else forward, np.asarray(im.image()), config.predict)
+    if mine:
+      curves[i] = f1_per_threshold(probability, ground_truth(im), config.predict, gt_mode=config.eval.gt_mode)
     del probability
-  mean_f1 = np.mean(curves, axis=0)
+  curves = {i: curve for share in multihost.gather_objects(curves) for i, curve in share.items()}
+  mean_f1 = np.mean([curves[i] for i in range(len(images))], axis=0)
   best = int(np.argmax(mean_f1))
   return {"threshold": float(THRESHOLD_CANDIDATES[best]), "val_f1": float(mean_f1[best]),
           "val_images": [im.name for im in images],

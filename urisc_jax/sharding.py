@@ -70,7 +70,7 @@ def replicate(tree, mesh: Mesh):
   """
   target = replicated(mesh)
   if not spans_processes(mesh):
-    return jax.device_put(tree, target)
+    return jax.device_put(local_replica(tree), target)
   local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
 
   def put(x):
@@ -79,6 +79,18 @@ def replicate(tree, mesh: Mesh):
                                                      [jax.device_put(local, d) for d in local_devices])
 
   return jax.tree.map(put, tree)
+
+
+def local_replica(tree):
+  """A pytree of replicated arrays as arrays on this process's first device holding them, for work a process does
+  alone (its share of the validation images or attribution targets). Other leaves are left as they are."""
+
+  def local(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x.addressable_data(0)
+    return x
+
+  return jax.tree.map(local, tree)
 
 
 def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> slice:

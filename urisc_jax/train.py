@@ -91,21 +91,32 @@ def _config_normalization(config) -> dict[str, float]:
   return {"mean": float(config.data.mean), "std": float(config.data.std)}
 
 
-def validate(config, bind_forward, state: TrainState, val_images: list[PreparedImage]) -> dict:
+def validate(config, binders, state: TrainState, val_images: list[PreparedImage]) -> dict:
   """Official-scorer F1 of the current state on the validation images at the threshold that maximizes it there.
 
   Args:
     config: the run config (its predict and eval settings are used).
-    bind_forward: `predict.tile_forward_binder(config, model)`, compiled once for every validation of a run.
+    binders: `prediction_binders(config, model)`, compiled once for every validation of a run.
     state: the state to score.
     val_images: prepared, labelled validation images.
 
   Returns:
     {"threshold", "val_f1", "val_images", "postprocess"} as `predict.choose_threshold` gives them; in a multi-host
-    run (every process computes its share of the tiles) process 0's, so that every process decides alike on it.
+    run (the processes share the images or the tiles) process 0's, so that every process decides alike on it.
   """
-  forward = bind_forward({"params": state.params, "batch_stats": state.batch_stats})
-  return multihost.broadcast_object(predict.choose_threshold(forward, val_images, config))
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  bind_global, bind_local = binders
+  forward = bind_global(variables)
+  local_forward = bind_local(variables) if bind_local else None
+  return multihost.broadcast_object(predict.choose_threshold(forward, val_images, config, local_forward=local_forward))
+
+
+def prediction_binders(config, model) -> tuple:
+  """(bind over every host's devices, bind over this process's devices or None): the tile forwards validation
+  uses, compiled on first use. The second exists in multi-host runs only, where each process validates its share of
+  the images alone (`predict.choose_threshold`)."""
+  bind_local = predict.tile_forward_binder(config, model, local=True) if jax.process_count() > 1 else None
+  return predict.tile_forward_binder(config, model), bind_local
 
 
 def check_transfer(config) -> None:
@@ -180,7 +191,7 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
   logger = run_log.MetricsLogger(workdir, enabled=multihost.is_writer())
   eval_every = config.train.get("eval_every", 0) if val_images else 0
   best = checkpoint.BestCheckpoint(workdir / "checkpoints_best") if eval_every else None
-  bind_forward = predict.tile_forward_binder(config, model) if eval_every else None
+  binders = prediction_binders(config, model) if eval_every else None
   validation = None
   pending, started, images_seen, validation_seconds = [], None, 0, []
   step = start_step
@@ -212,7 +223,7 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
         averaged["learning_rate"] = float(learning_rate(step - 1))
         if evaluate:
           validation_started = time.perf_counter()
-          validation = {"step": step, **validate(config, bind_forward, state, val_images)}
+          validation = {"step": step, **validate(config, binders, state, val_images)}
           validation_seconds.append(time.perf_counter() - validation_started)
           averaged.update(val_f1=validation["val_f1"], val_threshold=validation["threshold"])
           best.offer(step, state, validation["val_f1"], meta={"threshold": validation["threshold"], **meta})
@@ -275,8 +286,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   # Predict with the normalization the model was trained with (a transfer checkpoint may have set it).
   config.data.mean, config.data.std = train_summary["normalization"]["mean"], train_summary["normalization"]["std"]
   # Every process predicts (each computes its share of every batch of tiles); process 0 writes and scores.
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  forward = predict.tile_forward(config, model, variables)
+  binders = prediction_binders(config, model)
+  forward = binders[0]({"params": state.params, "batch_stats": state.batch_stats})
   step = int(state.step)
   last_validation = train_summary["validation"]
   if config.predict.threshold is not None:
@@ -284,7 +295,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   elif last_validation and last_validation["step"] == step:  # Validated at the last step while training.
     chosen = {k: v for k, v in last_validation.items() if k != "step"}
   elif splits["val"]:
-    chosen = multihost.broadcast_object(predict.choose_threshold(forward, splits["val"], config))
+    chosen = validate(config, binders, state, splits["val"])
   else:
     chosen = {"threshold": 0.5, "val_f1": None, "val_images": []}
   test = predict.predict_and_score(forward, splits["test"], config, threshold=chosen["threshold"],

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from urisc_jax import multihost, outputs, predict, state
+from urisc_jax import multihost, outputs, predict, sharding, state
 from urisc_jax.attribution import fields, figures, receptive_field
 from urisc_jax.attribution import integrated_gradients as ig
 from urisc_jax.data import dataset
@@ -124,7 +124,7 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
 
   # Each process attributes every P-th target on its own first device; the results are gathered on every process.
   share = _this_process_share([len(plan[3]) for plan in plans])
-  local_variables = multihost.local_copy(variables)
+  local_variables = sharding.local_replica(variables)
   entries, panels = [], []
   with tqdm(total=sum(len(mine) for mine in share), desc="attribute", unit="pixel", disable=not writer) as bar:
     for (index, im, _, targets, target_probabilities), mine in zip(plans, share):
