@@ -112,9 +112,9 @@ def validate(config, binders, state: TrainState, val_images: list[PreparedImage]
 
 
 def prediction_binders(config, model) -> tuple:
-  """(bind over every host's devices, bind over this process's devices or None): the tile forwards validation
-  uses, compiled on first use. The second exists in multi-host runs only, where each process validates its share of
-  the images alone (`predict.choose_threshold`)."""
+  """(bind over every host's devices, bind over this process's devices or None): the tile forwards validation and
+  the test prediction use, compiled on first use. The second exists in multi-host runs only, where each process
+  validates its share of the images alone (`predict.choose_threshold`)."""
   bind_local = predict.tile_forward_binder(config, model, local=True) if jax.process_count() > 1 else None
   return predict.tile_forward_binder(config, model), bind_local
 
@@ -196,7 +196,7 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
   pending, started, images_seen, validation_seconds = [], None, 0, []
   step = start_step
   with multihost.StopRequest() as stop, tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
-                                    disable=not progress or not multihost.is_writer()) as bar:
+                                             disable=not progress or not multihost.is_writer()) as bar:
     while step < num_steps:
       batch = sharding.global_batch_from_local(mesh, next(data_iter))
       state, metrics = step_fn(state, batch, step_rng)
