@@ -6,8 +6,8 @@ Generates a small U-RISC-like release (5 % membrane, mitochondria, vesicles, une
 `workdir/data`, trains LinkNet-ResNet18 (the paper's LinkNet, at half width) on random 256 x 256 crops with focal +
 dice loss and Adam, checkpoints, picks the decision threshold on the validation images, predicts the held-out test
 images by sliding window and scores them with the official U-RISC F1 against a global-intensity-threshold baseline.
-Cost: about 7 minutes on 2 CPU cores (measured 7 min 20 s with other work running; test F1 0.949 vs baseline 0.516,
-validation F1 0.957 at the chosen threshold 0.58). Any value can be overridden, e.g. `--config.train.num_steps=100`.
+Cost: about 3 minutes on 2 idle CPU cores (188 s measured with an empty compilation cache, 180 s with a warm one;
+7 min 20 s with other work running), test F1 0.948 vs baseline 0.516. Any value can be overridden, e.g. `--config.train.num_steps=100`.
 `--mode=attribute` afterwards: about 1 target pixel per outcome and test image, a few minutes per target on a CPU.
 """
 
