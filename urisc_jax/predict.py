@@ -35,9 +35,11 @@ def prediction_mesh(batch_size: int, *, local: bool = False) -> Mesh | None:
   split each process's equal share of the batch, so that all hosts compute every image together.
   """
   processes = 1 if local else jax.process_count()
-  if batch_size <= 0 or batch_size % processes:
-    raise ValueError(f"config.predict.batch_size={batch_size} must be a positive multiple of the {processes} "
-                     "processes of this run (each computes an equal share of every batch of tiles).")
+  if batch_size <= 0:
+    raise ValueError(f"config.predict.batch_size must be positive, got {batch_size}.")
+  if batch_size % processes:
+    raise ValueError(f"config.predict.batch_size={batch_size} must be a multiple of the {processes} processes of "
+                     "this run (each computes an equal share of every batch of tiles).")
   share = batch_size // processes
   per_process = max(n for n in range(1, min(jax.local_device_count(), share) + 1) if share % n == 0)
   if processes == 1:
