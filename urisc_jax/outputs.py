@@ -1,6 +1,9 @@
 """Writing result files atomically: a temporary name in the same folder, then a rename.
 
-A run killed mid-write leaves at most a `*.tmp` file, never a truncated TIFF, PNG or JSON under the final name.
+A run killed mid-write leaves at most a `*.tmp` file, never a truncated TIFF, PNG or JSON under the final name. The
+rename replaces the directory entry, so a result file that is a symlink is replaced by a regular file and the file it
+pointed to is never written; logs appended as they grow (`open_log`) refuse a symlink instead. Every result file
+the project writes goes through this module.
 """
 
 import contextlib
@@ -57,6 +60,36 @@ def write_json(path: str | pathlib.Path, payload: dict) -> None:
   """Standard JSON (NaN and infinities become null), written atomically."""
   with atomic_path(path) as tmp:
     tmp.write_text(json.dumps(json_safe(payload), indent=2, sort_keys=True) + "\n")
+
+
+def write_text(path: str | pathlib.Path, text: str) -> None:
+  """A text file (a report, the resolved config), written atomically."""
+  with atomic_path(path) as tmp:
+    tmp.write_text(text, encoding="utf-8")
+
+
+def append_line(path: str | pathlib.Path, line: str) -> None:
+  """`path` with `line` added at the end, written atomically: for small records of each run (command.txt)."""
+  path = pathlib.Path(path)
+  previous = path.read_text(encoding="utf-8") if path.is_file() and not path.is_symlink() else ""
+  write_text(path, previous + line.rstrip("\n") + "\n")
+
+
+def open_log(path: str | pathlib.Path):
+  """A text file opened for appending lines as a run goes (metrics.jsonl), created if missing; refuses a symlink.
+
+  Appending is not atomic per line by nature; readers skip a torn last line. O_NOFOLLOW keeps the log from writing
+  through a symlink into another file.
+  """
+  path = pathlib.Path(path)
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+  except OSError as e:
+    if path.is_symlink():
+      raise OSError(f"{path} is a symlink; refusing to append the run's log through it. Remove the link (or use "
+                    "another --workdir).") from e
+    raise
+  return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def write_tiff(path: str | pathlib.Path, array: np.ndarray) -> None:

@@ -23,7 +23,7 @@ class MetricsLogger:
       return
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+    self._jsonl = outputs.open_log(workdir / "metrics.jsonl")
     self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -52,10 +52,15 @@ def read_metrics(path: str | pathlib.Path) -> list[dict]:
   line (the resumed run recomputed it)."""
   by_step = {}
   with open(path, encoding="utf-8") as f:
-    for line in f:
-      if line.strip():
-        record = json.loads(line)
-        by_step[record["step"]] = record
+    lines = [line for line in f if line.strip()]
+  for number, line in enumerate(lines):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      if number == len(lines) - 1:  # torn by a kill mid-write; the resumed run logs that step again
+        break
+      raise
+    by_step[record["step"]] = record
   return [by_step[step] for step in sorted(by_step)]
 
 

@@ -188,7 +188,8 @@ def _figure(summary: Mapping[str, Mapping[str, Any]], path: pathlib.Path) -> Non
     axis.set_xticks(range(len(versions)), versions, rotation=45, ha="right")
     axis.set_title(criterion)
   figure.suptitle("Image definition (mean +- s.e. over images)")
-  figure.savefig(path, dpi=120)
+  with outputs.atomic_path(path) as tmp:
+    figure.savefig(tmp, format="png", dpi=120)
 
 
 def _named_loader(item) -> tuple[str, str, Callable[[], np.ndarray]]:
@@ -248,6 +249,6 @@ def compare_original_and_downsampled(images: Iterable[str | pathlib.Path | tuple
            "figure": str(out_dir / "criteria.png")}
   result = {"size": size, "methods": methods, "rows": rows, "summary": summary, "files": files}
   outputs.write_json(files["json"], result)
-  pathlib.Path(files["markdown"]).write_text(_markdown(rows, size))
+  outputs.write_text(files["markdown"], _markdown(rows, size))
   _figure(summary, pathlib.Path(files["figure"]))
   return result
