@@ -50,8 +50,8 @@ def urisc_pairs(root, *, track: str = "Track1", split: str | None = "train",
   """
   root = pathlib.Path(root)
   if not root.is_dir():
-    raise MissingDataError(f"U-RISC folder {root} does not exist; point the config at the unpacked release (the "
-                           "folder that holds imgs/ and label/).")
+    raise missing_folder(root, "U-RISC folder", "point the config at the unpacked release (the folder that holds "
+                         "imgs/ and label/).")
   images_root = root / "imgs"
   if not images_root.is_dir():
     raise MissingDataError(f"{images_root} does not exist; a U-RISC release holds imgs/<track>/<split>/*.png and "
@@ -85,8 +85,8 @@ def isbi_pairs(root, *, split: str = "train", require_labels: bool | None = None
   """
   root = pathlib.Path(root)
   if not root.is_dir():
-    raise MissingDataError(f"ISBI 2012 folder {root} does not exist; point the config at the folder that holds "
-                           "train/images, train/labels and test/images.")
+    raise missing_folder(root, "ISBI 2012 folder", "point the config at the folder that holds train/images, "
+                         "train/labels and test/images.")
   split_dir = root / split
   if not split_dir.is_dir():
     raise MissingDataError(f"split folder {split_dir} does not exist. Found in {root}: "
@@ -115,7 +115,7 @@ def folder_pairs(image_dir, label_dir=None, *, all_labels_used: bool = True) -> 
   """
   image_dir = pathlib.Path(image_dir)
   if not image_dir.is_dir():
-    raise MissingDataError(f"image folder {image_dir} does not exist.")
+    raise missing_folder(image_dir, "image folder", "point the config at a folder of images.")
   images = _by_stem(image_dir, IMAGE_SUFFIXES, "image")
   if not images:
     raise DataError(f"no images ({', '.join('*' + s for s in IMAGE_SUFFIXES)}) in {image_dir}; found: "
@@ -124,7 +124,7 @@ def folder_pairs(image_dir, label_dir=None, *, all_labels_used: bool = True) -> 
     return [ImagePair(stem, images[stem], None) for stem in sorted(images, key=_natural)]
   label_dir = pathlib.Path(label_dir)
   if not label_dir.is_dir():
-    raise MissingDataError(f"label folder {label_dir} does not exist (labels for {image_dir}).")
+    raise missing_folder(label_dir, "label folder", f"point the config at the labels for {image_dir}.")
   labels = _by_stem(label_dir, LABEL_SUFFIXES, "label")
   missing = sorted(set(images) - set(labels), key=_natural)
   if missing:
@@ -140,6 +140,22 @@ def folder_pairs(image_dir, label_dir=None, *, all_labels_used: bool = True) -> 
     raise DataError(f"label {labels[stem]} has no image: expected {image_dir / (stem + '.png')}{more}. Remove the "
                     "label or add the image.")
   return [ImagePair(stem, images[stem], labels[stem]) for stem in sorted(images, key=_natural)]
+
+
+def hidden_files(path) -> list[pathlib.Path]:
+  """Files of a folder whose names start with "." and end like images: left out of `image_files` (they are mostly
+  editor or macOS metadata, e.g. ._image.png), named here so that a caller can say so."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    return []
+  return sorted(p for p in path.iterdir() if p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def missing_folder(path: pathlib.Path, what: str, fix: str) -> DataError:
+  """The error for a folder the data layout needs: `path` is a file, or does not exist. Returns it (to raise)."""
+  if path.exists():
+    return DataError(f"{what} {path} is a file, not a folder; {fix}")
+  return MissingDataError(f"{what} {path} does not exist; {fix}")
 
 
 def image_files(path) -> list[pathlib.Path]:
@@ -383,8 +399,8 @@ def isbi_slices(root, indices: Sequence[int], *, volume: str = "train",
   elif (root / volume / "images").is_dir():
     available = isbi_pairs(root, split=volume)
   elif not root.is_dir():
-    raise MissingDataError(f"ISBI 2012 folder {root} does not exist; point config.data.root at the folder that "
-                           f"holds {ISBI_STACKS['train'][0]} or train/images.")
+    raise missing_folder(root, "ISBI 2012 folder", f"point config.data.root at the folder that holds "
+                         f"{ISBI_STACKS['train'][0]} or train/images.")
   else:
     raise MissingDataError(f"{root} holds neither {ISBI_STACKS[volume][0]} nor {volume}/images (needed by {key}). "
                            f"Found in {root}: {_listing(root)}.")
@@ -402,10 +418,18 @@ def _open_stack(path):
   if not path.is_file():
     raise MissingDataError(f"TIFF stack {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
   try:
-    return tifffile.TiffFile(path)
+    imageio.check_tiff_pages(path)  # a looping page chain would keep tifffile parsing forever
+    imageio.check_tiff_tiles(path)
+    tif = tifffile.TiffFile(path)
+  except DataError:
+    raise
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f"cannot read {path} as a TIFF stack: {e}. The file is corrupt, truncated or not a TIFF; replace "
                     "it with an intact copy.") from None
+  for series in tif.series:  # each slice under the pixel cap, before any is decoded
+    if len(series.shape) >= 2:
+      imageio.check_pixels(path, int(series.shape[-1]), int(series.shape[-2]), what="slice")
+  return tif
 
 
 def _stack_layout(tif, path) -> tuple[tuple[int, int, int], list]:

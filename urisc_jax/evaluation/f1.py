@@ -65,9 +65,7 @@ def to_gray8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
   """
   image = np.asarray(image)
   if image.dtype != np.uint8:
-    raise SubmissionFormatError(
-        f"{name}: expected 8-bit (uint8) values 0..255, got dtype {image.dtype}; save membrane maps as 8-bit "
-        "gray images (black = membrane, white = background).")
+    raise SubmissionFormatError(_dtype_message(name, image.dtype))
   if image.ndim == 3 and image.shape[-1] in (1, 3, 4):
     channels = image[..., :3] if image.shape[-1] == 4 else image
     gray = channels[..., 0]
@@ -77,9 +75,17 @@ def to_gray8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
           f"{name}: color image with unequal R, G, B channels; membrane maps must be gray (R = G = B).")
     image = gray
   if image.ndim != 2:
-    raise SubmissionFormatError(
-        f"{name}: expected a 2-D gray image [H, W] (or [H, W, 3] with equal channels), got shape {image.shape}.")
+    raise SubmissionFormatError(_shape_message(name, image.shape))
   return np.ascontiguousarray(image)
+
+
+def _dtype_message(name: str, dtype) -> str:
+  return (f"{name}: expected 8-bit (uint8) values 0..255, got dtype {dtype}; save membrane maps as 8-bit gray images "
+          "(black = membrane, white = background).")
+
+
+def _shape_message(name: str, shape: tuple[int, ...]) -> str:
+  return f"{name}: expected a 2-D gray image [H, W] (or [H, W, 3] with equal channels), got shape {shape}."
 
 
 def check_prediction_format(pred: np.ndarray, *, name: str = "prediction") -> None:
@@ -229,10 +235,10 @@ def mean_and_sem(values: Iterable[float]) -> tuple[float, float]:
   return mean, float(values.std(ddof=1) / math.sqrt(values.size))
 
 
-def _read_with_pil(path: pathlib.Path) -> np.ndarray:
-  from urisc_jax.data.imageio import open_large_image  # pylint: disable=g-import-not-at-top
+def _read_with_pil(path: pathlib.Path, max_pixels: int | None) -> np.ndarray:
+  from urisc_jax.data import imageio  # pylint: disable=g-import-not-at-top
 
-  with open_large_image(path) as img:
+  with imageio.open_image(path, max_pixels=max_pixels) as img:
     img.load()
     mode = img.mode
     if mode in ("1", "L"):
@@ -248,39 +254,77 @@ def _read_with_pil(path: pathlib.Path) -> np.ndarray:
         "save it as 8-bit gray (0 = membrane, 255 = background).")
 
 
-def _read_with_tifffile(path: pathlib.Path) -> np.ndarray:
+def _squeezed_shape(shape: tuple[int, ...]) -> tuple[tuple[int, ...], bool]:
+  """The shape a TIFF array takes once leading singleton axes (one-page stacks) are dropped, and whether it is
+  planar RGB [3 or 4, H, W]; a real stack stays 3-D and is refused."""
+  shape = tuple(int(n) for n in shape)
+  while len(shape) > 2 and shape[0] == 1:
+    shape = shape[1:]
+  planar = len(shape) == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4)
+  return shape, planar
+
+
+def _read_with_tifffile(path: pathlib.Path, max_pixels: int | None) -> np.ndarray:
   import tifffile  # pylint: disable=g-import-not-at-top
 
-  image = tifffile.imread(path)
-  if image.ndim > 2:
-    # Drop leading singleton axes (one-page stacks); a real stack is an error below.
-    while image.ndim > 2 and image.shape[0] == 1:
-      image = image[0]
-    if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[-1] not in (3, 4):
-      image = np.moveaxis(image, 0, -1)  # planar RGB
-  return image
+  from urisc_jax.data import imageio  # pylint: disable=g-import-not-at-top
+
+  imageio.check_tiff_pages(path)  # before tifffile follows a looping chain of pages forever
+  with tifffile.TiffFile(path) as tif:
+    if not tif.series:
+      raise ImageReadError(f"{path}: a TIFF without pages holds no image; is the file complete?")
+    # tifffile allocates the first series' shape before decoding: refuse what to_gray8 would, and a bomb, first.
+    series = tif.series[0]
+    shape, planar = _squeezed_shape(series.shape)
+    if series.dtype == bool:
+      raise ImageReadError(f"{path}: 1-bit TIFF; save it as 8-bit gray (0 = membrane, 255 = background).")
+    if series.dtype != np.uint8:
+      raise ImageReadError(_dtype_message(str(path), series.dtype))
+    gray_shape = (*shape[1:], shape[0]) if planar else shape
+    if not (len(gray_shape) == 2 or (len(gray_shape) == 3 and gray_shape[-1] in (1, 3, 4))):
+      raise ImageReadError(_shape_message(str(path), gray_shape))
+    imageio.check_pixels(path, gray_shape[1], gray_shape[0], max_pixels=max_pixels)
+    imageio.check_tiff_tiles(path, max_pixels=max_pixels)
+    image = tif.asarray()  # what tifffile.imread reads: the first series
+  image = image.reshape(shape)
+  return np.moveaxis(image, 0, -1) if planar else image
 
 
-def read_gray8(path: str | pathlib.Path) -> np.ndarray:
+def read_gray8(path: str | pathlib.Path, *, max_pixels: int | None = None) -> np.ndarray:
   """Reads a PNG or TIFF membrane map as 8-bit gray, uint8 [H, W].
 
   RGB(A) files with R = G = B (the U-RISC release stores 3-channel gray PNGs) become their common channel; the
   alpha channel is ignored. Missing, corrupt, non-8-bit, multi-page or truly colored files raise one clear error
-  naming the file.
+  naming the file, and so does a header that declares more pixels than the project's cap (a decompression bomb),
+  before anything is decoded.
+
+  Args:
+    path: the image file. TIFFs (by suffix and content) are read with tifffile, everything else with Pillow.
+    max_pixels: this read's pixel cap; None uses the process-wide one (urisc_jax.data.imageio.set_max_pixels,
+      config.data.max_image_pixels).
+
+  Raises:
+    FileNotFoundError: the file does not exist (or is a folder).
+    ImageReadError: any other reason the file is not one 8-bit gray image; the message names the file.
   """
+  from urisc_jax.data import imageio  # pylint: disable=g-import-not-at-top
+
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such image file")
+    raise FileNotFoundError(f"{path}: no such image file" + (" (it is a folder)" if path.is_dir() else ""))
   try:
-    if path.suffix.lower() in (".tif", ".tiff"):
+    # A PNG named .tif goes to Pillow, which identifies files by content.
+    if path.suffix.lower() in (".tif", ".tiff") and imageio.is_tiff(path):
       try:
-        image = _read_with_tifffile(path)
+        image = _read_with_tifffile(path, max_pixels)
       except ImportError:
-        image = _read_with_pil(path)
+        image = _read_with_pil(path, max_pixels)
     else:
-      image = _read_with_pil(path)
+      image = _read_with_pil(path, max_pixels)
   except (ImageReadError, FileNotFoundError):
     raise
+  except imageio.DataError as e:  # the pixel cap, or an empty image; its message names the file and the fix
+    raise ImageReadError(str(e)) from e
   except Exception as e:  # PIL / tifffile raise many types for damaged files.
     raise ImageReadError(f"{path}: cannot be read as an image ({type(e).__name__}: {e}); is the file complete?") \
         from e
@@ -295,6 +339,8 @@ def read_gray8(path: str | pathlib.Path) -> np.ndarray:
 def list_images(folder: str | pathlib.Path) -> dict[str, pathlib.Path]:
   """Image files (.png / .tif / .tiff, any case) of a folder, by file stem."""
   folder = pathlib.Path(folder)
+  if folder.exists() and not folder.is_dir():
+    raise NotADirectoryError(f"{folder} is a file, not a folder; pass the folder that holds the images.")
   if not folder.is_dir():
     raise FileNotFoundError(f"{folder}: no such folder")
   by_stem: dict[str, pathlib.Path] = {}

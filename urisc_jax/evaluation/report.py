@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from urisc_jax import outputs
+from urisc_jax.data import imageio
 from urisc_jax.evaluation import f1 as f1_lib
 from urisc_jax.evaluation import isbi
 
@@ -40,7 +41,14 @@ def read_probability(path: str | pathlib.Path) -> np.ndarray:
       array = np.load(path, allow_pickle=False)
     else:
       import tifffile  # pylint: disable=g-import-not-at-top
-      array = tifffile.imread(path)
+      imageio.check_tiff_pages(path)
+      imageio.check_tiff_tiles(path)
+      with tifffile.TiffFile(path) as tif:
+        shape = tif.series[0].shape
+        imageio.check_pixels(path, int(shape[-1]), int(shape[-2]), what="probability map")
+        array = tif.asarray()
+  except imageio.DataError as e:
+    raise f1_lib.ImageReadError(str(e)) from e
   except Exception as e:  # numpy / tifffile raise many types for damaged files.
     raise f1_lib.ImageReadError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
   while array.ndim > 2 and array.shape[0] == 1:
@@ -169,5 +177,5 @@ def evaluate_folders(pred_dir: str | pathlib.Path, gt_dir: str | pathlib.Path, o
   out_dir.mkdir(parents=True, exist_ok=True)
   result["files"] = {"json": str(out_dir / "evaluation.json"), "markdown": str(out_dir / "evaluation.md")}
   outputs.write_json(result["files"]["json"], result)
-  pathlib.Path(result["files"]["markdown"]).write_text(_markdown(result))
+  outputs.write_text(result["files"]["markdown"], _markdown(result))
   return result
