@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import pathlib
+import re
 
 import numpy as np
 
@@ -804,6 +805,9 @@ def write_release(root, *, num_train: int, num_val: int, num_test: int, height: 
     Paths written (or found), images then labels per image, in split order.
   """
   root = pathlib.Path(root)
+  if root.exists() and not root.is_dir():
+    raise imageio.DataError(f"the synthetic release folder {root} is a file, not a folder; point config.data.root "
+                            "at a folder (or leave it empty for workdir/data).")
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
   config = PRESETS[preset](height, width)
@@ -823,9 +827,9 @@ def write_release(root, *, num_train: int, num_val: int, num_test: int, height: 
   elif previous.get("params") == params and previous.get("complete") and all(p.is_file() for p in paths):
     return paths
   elif previous.get("params") != params:
-    for rel in previous.get("files", []):  # files of the older run that this one does not rewrite
-      if (root / rel) not in paths and (root / rel).is_file():
-        (root / rel).unlink()
+    for path in _listed_files(root, previous):  # files of the older run that this one does not rewrite
+      if path not in paths and path.is_file():
+        path.unlink()
   resume = previous is not None and previous.get("params") == params
   files = [str(p.relative_to(root)) for p in paths]
   _write_manifest(manifest_path, dict(params=params, files=files, complete=False))
@@ -843,6 +847,37 @@ def write_release(root, *, num_train: int, num_val: int, num_test: int, height: 
     imageio.write_tiff(label_path, label)
   _write_manifest(manifest_path, dict(params=params, files=files, complete=True))
   return paths
+
+
+# What the generator writes, relative to the release folder: the only names a manifest may ask to delete.
+_GENERATED_FILE = re.compile(r"(imgs/[A-Za-z0-9_.-]+/(train|val|test)/(train|val|test)_\d{3,}\.png"
+                             r"|label/[A-Za-z0-9_.-]+/(train|val|test)/(train|val|test)_\d{3,}\.tiff)")
+
+
+def _listed_files(root: pathlib.Path, manifest: dict) -> list[pathlib.Path]:
+  """The files a previous run's manifest lists, checked to be the generator's own inside `root`.
+
+  The manifest is a file in the data folder: anyone who can write there can edit it. Its list decides what is
+  deleted, so an entry that is not a generated image or label name, or that leads out of the folder (an absolute
+  path, `..`, a symlinked folder), stops the run instead of deleting anything.
+  """
+  files = manifest.get("files", [])
+  where = root / MANIFEST
+  if not isinstance(files, list):
+    raise imageio.DataError(f"{where}: 'files' is not a list; the manifest is damaged. Delete {where} and the "
+                            "generated imgs/ and label/ folders to write the release again.")
+  resolved_root = root.resolve()
+  listed = []
+  for rel in files:
+    path = root / str(rel)
+    if not (isinstance(rel, str) and _GENERATED_FILE.fullmatch(rel)
+            and path.resolve().is_relative_to(resolved_root)):
+      raise imageio.DataError(
+          f"{where} lists {rel!r}, which is not a file this generator writes inside {root}; refusing to delete it "
+          f"(or anything else). If {root} is a synthetic release, delete {where} and its imgs/ and label/ folders "
+          "to write it again; otherwise point config.data.root at an empty folder.")
+    listed.append(path)
+  return listed
 
 
 def _read_manifest(path: pathlib.Path):
