@@ -1,20 +1,60 @@
 """Checkpoints with orbax: model and optimizer state, data iterator state and run metadata, saved together.
 
 Orbax writes each step into a temporary folder and renames it when complete, so an interrupted save never leaves a
-checkpoint that looks whole; `latest_step` only sees finished ones. Resume is automatic: the trainer asks for the
-latest step and restores it into arrays already laid out with the training shardings.
+checkpoint that looks whole; `latest_step` only sees finished ones. Resume is automatic: the trainer restores the
+newest step that can be read into arrays already laid out with the training shardings (`restore_latest`); a step
+damaged afterwards (a truncated copy, a deleted file, a full disk) is skipped for the one before it, and named.
 """
 
+import dataclasses
+import logging
 import pathlib
+import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from urisc_jax import multihost
+
+
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint that holds another model or optimizer than the config builds."""
+
+
+class UnreadableCheckpointsError(ValueError):
+  """No step of a checkpoint folder can be read; the message lists each step and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What `Checkpointer.restore_latest` found: the step, its state, data and meta, and the newer steps it skipped
+  as unreadable ({step: reason})."""
+  step: int
+  state: Any
+  data: dict
+  meta: dict
+  skipped: dict[int, str]
 
 
 def _abstract(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) for every array of `tree`, the target orbax restores into."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _target_shapes(tree: Any) -> list[tuple[int, ...]]:
+  return sorted(tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf) for leaf in jax.tree.leaves(tree))
+
+
+def _stored_shapes(state_dir: pathlib.Path) -> list[tuple[int, ...]] | None:
+  """The shapes of the arrays a saved state holds (sorted), from its metadata; None where that cannot be read."""
+  try:
+    metadata = ocp.StandardCheckpointHandler().metadata(state_dir)
+  except Exception:  # pylint: disable=broad-except  # missing or damaged metadata: judged by the restore itself
+    return None
+  tree = getattr(metadata, "tree", metadata)
+  return sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape")))
 
 
 class Checkpointer:
@@ -25,13 +65,16 @@ class Checkpointer:
     max_to_keep: number of most recent checkpoints kept on disk.
   """
 
-  def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2):
+  def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2, create: bool = True):
     self.directory = pathlib.Path(directory).absolute()
+    if not create and not self.directory.is_dir():
+      raise FileNotFoundError(f"No checkpoint in {self.directory}: train first (--mode=train) or pass the --workdir "
+                              "of a trained run.")
     # In a multi-process run the processes meet at barriers named after the step; the keep-last and the best-state
     # managers save the same step at the same time, so each names its barriers after its own folder.
     multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=self.directory.name)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                                              multiprocessing_options=multiprocessing))
 
   def latest_step(self) -> int | None:
@@ -55,7 +98,20 @@ class Checkpointer:
 
     Returns:
       (state, data, meta) as saved.
+
+    Raises:
+      CheckpointMismatchError: the step holds arrays of other shapes than `target_state` (the model, its width or
+        the optimizer changed since it was written).
+      UnreadableCheckpointsError: the step's files are missing or damaged.
     """
+    where = self.directory / str(step)
+    stored = _stored_shapes(where / "state")
+    if stored is not None and stored != _target_shapes(target_state):
+      raise CheckpointMismatchError(
+          f"checkpoint {where} does not fit the model and optimizer of this config (was the model, its width or the "
+          f"optimizer changed since it was written?): it holds {len(stored)} arrays, the config makes "
+          f"{len(_target_shapes(target_state))}, of other shapes. Use a new --workdir for the new config, or rerun "
+          f"with the config it was written with ({self.directory.parent / 'config.json'}).")
     try:
       restored = self._manager.restore(
           step,
@@ -63,12 +119,57 @@ class Checkpointer:
               state=ocp.args.StandardRestore(_abstract(target_state)),
               data=ocp.args.JsonRestore(),
               meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(
-          f"checkpoint {self.directory / str(step)} does not fit the model and optimizer of this config (was the "
-          f"model, its width or the optimizer changed since it was written?): {str(e).splitlines()[0]} Use a new "
-          f"--workdir for the new config, or delete {self.directory} to start this one over.") from e
+    except Exception as e:  # pylint: disable=broad-except  # orbax and TensorStore raise bare Exceptions
+      reason = (str(e).splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0][:300]
+      if "structures do not match" in reason:  # same shapes under other names: another model
+        raise CheckpointMismatchError(
+            f"checkpoint {where} does not fit the model and optimizer of this config: {reason} Use a new --workdir "
+            f"for the new config, or rerun with the config it was written with "
+            f"({self.directory.parent / 'config.json'}).") from e
+      raise UnreadableCheckpointsError(f"checkpoint {where} cannot be read: {reason}") from e
     return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+
+  def restore_latest(self, target_state: Any) -> Restored | None:
+    """The newest step that can be read, restored into `target_state`'s layout; None when there is no step.
+
+    A step that cannot be read (files missing or damaged) is skipped for the one before it, with a warning that
+    names it and why. A step that holds another model stops the search: older steps would not fit either.
+
+    Raises:
+      CheckpointMismatchError: as `restore`.
+      UnreadableCheckpointsError: every step is unreadable; the message lists each and why.
+    """
+    skipped = {}
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, data, meta = self.restore(step, target_state)
+      except UnreadableCheckpointsError as e:
+        skipped[step] = str(e)
+        logging.warning("%s; trying the step before it.", e)
+        continue
+      return Restored(step, state, data, meta, skipped)
+    if skipped:
+      listing = "; ".join(skipped.values())
+      raise UnreadableCheckpointsError(
+          f"no step in {self.directory} can be read ({listing}). They were damaged after they were written (an "
+          "interrupted copy, a full disk?): restore them from a backup, or move the folders named here aside to "
+          "start over.")
+    return None
+
+  def set_aside(self, steps) -> list[pathlib.Path]:
+    """Renames unreadable step folders to `<step>.unreadable-<time>`, out of orbax's sight, so that training can
+    write those steps again; their files are kept for inspection. Returns the new paths."""
+    moved = []
+    if multihost.is_writer():
+      for step in steps:
+        source = self.directory / str(step)
+        if source.is_dir():
+          target = self.directory / f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+          source.rename(target)
+          moved.append(target)
+    multihost.sync(f"set aside {self.directory.name}")
+    self._manager.reload()
+    return moved
 
   def restore_meta(self, step: int) -> dict:
     """Only the JSON metadata of a step (e.g. the decision threshold), without loading arrays."""
@@ -99,8 +200,15 @@ class BestCheckpoint:
     self._checkpointer = Checkpointer(directory, max_to_keep=1)
     self.score_key = score_key
     step = self._checkpointer.latest_step()
-    self.best_step = step
-    self.best_score = None if step is None else self._checkpointer.restore_meta(step).get(score_key)
+    self.best_step, self.best_score = step, None
+    if step is not None:
+      try:
+        self.best_score = self._checkpointer.restore_meta(step).get(score_key)
+      except Exception as e:  # pylint: disable=broad-except  # damaged: the next validated state replaces it
+        logging.warning("the best checkpoint %s cannot be read (%s); the next validated state replaces it.",
+                        self.directory / str(step), str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+        self._checkpointer.set_aside([step])
+        self.best_step = None
 
   @property
   def directory(self) -> pathlib.Path:

@@ -171,11 +171,14 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
   data_iter = pipeline.iterator(dataset, num_workers=config.data.num_workers)
 
   checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
-    state, data_state, meta = checkpointer.restore(start_step, state)
-    data_iter.set_state(data_state)
-    normalization = meta.get("normalization") or _config_normalization(config)
+  restored = checkpointer.restore_latest(state)
+  start_step = restored.step if restored else 0
+  if restored:
+    if restored.skipped:  # Written again as training passes them; the damaged files are kept aside.
+      checkpointer.set_aside(restored.skipped)
+    state = restored.state
+    data_iter.set_state(restored.data)
+    normalization = restored.meta.get("normalization") or _config_normalization(config)
   else:
     normalization = _config_normalization(config)
     if config.transfer.checkpoint:
