@@ -66,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.membrane = "black"  # label polarity: which gray value marks membrane
   config.data.label_threshold = ml_collections.config_dict.placeholder(int)  # e.g. 122 for Track 2 labels
   config.data.cache_dir = ""  # "" = workdir/cache
+  # Largest image (width x height) any reader decodes: 2^28 = 268 Mpix takes U-RISC's 99 Mpix and refuses
+  # decompression bombs; raise it for genuine larger images (a 30k x 30k section needs 9e8).
+  config.data.max_image_pixels = 2**28
   config.data.crop_size = 256
   config.data.num_workers = 0
   # The paper's eight augmentations (flips, rotation, zoom, crop, translation, contrast, intensity jitter) plus the
@@ -178,6 +181,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.predict.postprocess.fill_holes_below = 0
   config.predict.postprocess.closing_radius = 0
   config.predict.input = ""  # --mode=predict: an image file or folder
+  # --mode=predict on a folder: "stop" at the first image that cannot be read or written (naming it), or "skip" it
+  # and go on; skipped images are listed in <output>/prediction_errors.json.
+  config.predict.on_error = "stop"
   config.predict.output = ""  # --mode=predict: "" = workdir/predictions
 
   config.eval = ml_collections.ConfigDict()

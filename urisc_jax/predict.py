@@ -10,6 +10,7 @@ Outputs per image, under an output folder:
 """
 
 import json
+import logging
 import pathlib
 
 import jax
@@ -210,11 +211,7 @@ def predict_and_score(forward, images: list[PreparedImage], config, *, threshold
 def restore_variables(config, workdir: pathlib.Path, model) -> tuple[dict, int, dict]:
   """({"params", "batch_stats"}, step, meta) of the latest checkpoint in workdir/checkpoints, on the first local
   device (in a multi-host run: replicated over every device, which all processes restore together)."""
-  checkpointer = checkpoint.Checkpointer(workdir / "checkpoints")
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first (--mode=train) or pass the "
-                            "--workdir of a trained run.")
+  checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", create=False)
   tx = optim.optimizer_from_config(config.optim, config.train.num_steps)
   abstract = jax.eval_shape(lambda rng: state.init_state(model, tx, rng, config.data.crop_size), jax.random.key(0))
   if jax.process_count() == 1:
@@ -222,9 +219,12 @@ def restore_variables(config, workdir: pathlib.Path, model) -> tuple[dict, int, 
   else:
     placement = sharding.replicated(sharding.mesh_from_config((("data", -1),)))
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), abstract)
-  restored, _, meta = checkpointer.restore(step, target)
+  restored = checkpointer.restore_latest(target)
   checkpointer.close()
-  return {"params": restored.params, "batch_stats": restored.batch_stats}, step, meta
+  if restored is None:
+    raise FileNotFoundError(f"No checkpoint in {checkpointer.directory}: train first (--mode=train) or pass the "
+                            "--workdir of a trained run.")
+  return {"params": restored.state.params, "batch_stats": restored.state.batch_stats}, restored.step, restored.meta
 
 
 def stored_threshold(workdir: pathlib.Path, step: int) -> float | None:
@@ -245,24 +245,65 @@ def decision_threshold(config, workdir: pathlib.Path, step: int) -> float:
   return 0.5 if stored is None else float(stored)
 
 
+ERROR_REPORT = "prediction_errors.json"
+
+
+def check_writable(folder: pathlib.Path) -> None:
+  """Raises NotADirectoryError / PermissionError naming `folder` unless results can be written there: checked before
+  the first image rather than found after a minute of prediction."""
+  if folder.exists() and not folder.is_dir():
+    raise NotADirectoryError(f"the output folder {folder} is a file; pass a folder (--config.predict.output=DIR).")
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    with outputs.atomic_path(folder / ".write-check"):
+      pass
+    (folder / ".write-check").unlink()
+  except OSError as e:
+    raise PermissionError(f"cannot write predictions to {folder} ({e.strerror}); pass a writable folder with "
+                          "--config.predict.output=DIR.") from e
+
+
 def predict_files(config, workdir: pathlib.Path) -> list[pathlib.Path]:
-  """`--mode=predict`: the latest checkpoint predicts `config.predict.input` (an image or a folder of images)."""
+  """`--mode=predict`: the latest checkpoint predicts `config.predict.input` (an image or a folder of images).
+
+  With config.predict.on_error="skip", an image that cannot be read is skipped and listed with its error in
+  <output>/prediction_errors.json; with "stop" (the default) the run stops at it, naming it and what was written.
+  Hidden files (names starting with ".") are not images of the folder; they are named in a warning.
+  """
   workdir = pathlib.Path(workdir)
   if not config.predict.input:
     raise ValueError("--mode=predict needs --config.predict.input=PATH (an image file or a folder of images).")
+  on_error = config.predict.get("on_error", "stop")
+  paths = sources.image_files(config.predict.input)
+  hidden = sources.hidden_files(config.predict.input)
+  if hidden:
+    logging.warning("not predicted, hidden files in %s: %s", config.predict.input, ", ".join(p.name for p in hidden))
+  out_dir = pathlib.Path(config.predict.output or workdir / "predictions")
+  writer = multihost.is_writer()  # every process predicts (its share of the tiles), process 0 writes
+  if writer:
+    check_writable(out_dir)
   model = state.build_model(config.model)
   variables, step, meta = restore_variables(config, workdir, model)
   if meta.get("normalization"):  # The input normalization the model was trained with.
     config.data.mean, config.data.std = meta["normalization"]["mean"], meta["normalization"]["std"]
   threshold = decision_threshold(config, workdir, step)
   forward = tile_forward(config, model, variables)
-  out_dir = pathlib.Path(config.predict.output or workdir / "predictions")
-  writer = multihost.is_writer()  # every process predicts (its share of the tiles), process 0 writes
-  written = []
-  for path in tqdm(sources.image_files(config.predict.input), desc="predict", unit="image", disable=not writer):
-    image = sources.read_image(path)
+  written, failed = [], []
+  for path in tqdm(paths, desc="predict", unit="image", disable=not writer):
+    try:
+      image = sources.read_image(path)
+    except sources.DataError as e:
+      if on_error != "skip":
+        raise sources.DataError(f"{e} ({len(written)} of {len(paths)} images were predicted before it, into "
+                                f"{out_dir}; --config.predict.on_error=skip skips such images and lists them)") from e
+      failed.append({"file": str(path), "error": str(e)})
+      continue
     probability = probabilities(forward, image, config.predict)
     if writer:
       write_outputs(out_dir, path.stem, image, probability, membrane_mask(probability, threshold, config.predict))
       written.append(out_dir / f"{path.stem}.tiff")
+  if writer and failed:
+    outputs.write_json(out_dir / ERROR_REPORT, {"skipped": failed, "predicted": len(written)})
+    logging.warning("%d of %d images could not be read and were skipped: %s", len(failed), len(paths),
+                    out_dir / ERROR_REPORT)
   return written
