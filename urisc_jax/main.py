@@ -18,6 +18,7 @@ all processes together and process 0 writes the results; evaluate, prepare and c
 A run stopped by SIGTERM saves a checkpoint and exits with status 143; rerunning the same command resumes it.
 """
 
+import contextlib
 import json
 import pathlib
 import sys
@@ -25,7 +26,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from urisc_jax import multihost, platforms
+from urisc_jax import checkpoint, config_checks, multihost, outputs, platforms, run_lock
+from urisc_jax.data import imageio
+from urisc_jax.evaluation import f1
+from urisc_jax.models import torch_import
 
 MODES = ("train", "predict", "evaluate", "prepare", "criteria", "attribute")
 
@@ -42,12 +46,20 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index, 0 ..
 _LOCAL_DEVICES = flags.DEFINE_string("local_device_ids", "", "Local devices this process drives, e.g. 0,1.")
 
 
+# Exit statuses: 0 done, 1 a failure (a bug or the machine: the traceback says where), BAD_INPUT_EXIT_CODE a bad
+# config, data file, checkpoint or workdir (one message names it and the fix), 143 stopped by SIGTERM after saving.
+BAD_INPUT_EXIT_CODE = 2
+INPUT_ERRORS = (config_checks.ConfigError, imageio.DataError, checkpoint.CheckpointMismatchError,
+                checkpoint.UnreadableCheckpointsError, run_lock.WorkdirBusyError, torch_import.CheckpointError,
+                f1.SubmissionFormatError, f1.ImageReadError, f1.PairingError, FileNotFoundError, NotADirectoryError,
+                PermissionError)
+
+
 def _record_run(config, workdir: pathlib.Path) -> None:
   """Writes the resolved config and the command line into the workdir, so a run can be repeated exactly."""
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-  with open(workdir / "command.txt", "a", encoding="utf-8") as f:
-    f.write(" ".join([sys.executable, "-m", "urisc_jax.main", *sys.argv[1:]]) + "\n")
+  outputs.write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  outputs.append_line(workdir / "command.txt", " ".join([sys.executable, "-m", "urisc_jax.main", *sys.argv[1:]]))
 
 
 def run(config, workdir: pathlib.Path, mode: str) -> dict | list:
@@ -115,16 +127,26 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   workdir = pathlib.Path(_WORKDIR.value)
   config = _CONFIG.value
-  platforms.enable_compilation_cache(config.get("compilation_cache", "default"))
-  if multihost.is_writer():
-    _record_run(config, workdir)
   try:
-    result = run(config, workdir, _MODE.value)
+    config_checks.validate(config, _MODE.value)
+    if workdir.exists() and not workdir.is_dir():
+      raise config_checks.ConfigError(f"--workdir={workdir} is a file, not a folder; pass a folder.")
+    platforms.enable_compilation_cache(config.get("compilation_cache", "default"))
+    imageio.set_max_pixels(config.data.max_image_pixels)
+    # Process 0 holds the workdir for the whole job: a second run there stops at once, naming the first.
+    with run_lock.exclusive(workdir) if multihost.is_writer() else contextlib.nullcontext():
+      if multihost.is_writer():
+        _record_run(config, workdir)
+      result = run(config, workdir, _MODE.value)
   except multihost.Preempted as stopped:
     print(stopped, file=sys.stderr)
     sys.exit(multihost.PREEMPTED_EXIT_CODE)
+  except INPUT_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(BAD_INPUT_EXIT_CODE)
   if multihost.is_writer() and isinstance(result, dict):
-    print(json.dumps(_headline(result), indent=2, sort_keys=True, default=float))
+    # Standard JSON on stdout: a score that does not exist (one image's s.e.) is null, not NaN.
+    print(json.dumps(outputs.json_safe(_headline(result)), indent=2, sort_keys=True))
 
 
 def _headline(result: dict) -> dict:

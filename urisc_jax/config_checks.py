@@ -1,0 +1,184 @@
+"""The run config checked in one place, before any work: every value in its range, every divisibility the devices
+and processes need, the crop against the images, the model against its input multiple.
+
+Without this a bad value surfaced late or not at all: `train.num_steps=-3` wrote metrics and predictions of an
+untrained model and exited 0, `checkpoint_every=0` divided by zero after the first step, `model.width=0` trained
+one-channel layers. `validate(config, mode)` collects every problem of the sections `mode` uses and raises one
+`ConfigError` that names each key, its value and the valid range; main turns it into exit status 2.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+# Sections of the config each mode reads (the others may hold anything).
+SECTIONS = {
+    "train": ("train", "model", "data", "optim", "loss", "mesh", "predict", "eval"),
+    "predict": ("model", "predict", "data_images"),
+    "evaluate": ("eval", "data_images"),
+    "prepare": ("data",),
+    "criteria": ("data",),
+    "attribute": ("model", "predict", "attribution", "data"),
+}
+TTA_CHOICES = (1, 2, 4, 8)
+ON_ERROR_CHOICES = ("stop", "skip")
+GT_MODES = ("official", "binarized")
+MEMBRANE_CHOICES = ("black", "white")
+BLEND_CHOICES = ("gaussian", "constant")
+SMALLEST_WIDTH = 1 / 64  # the 64-channel stem keeps at least one channel
+
+
+class ConfigError(ValueError):
+  """Config values out of range; the message names each key, its value and what it must be."""
+
+
+def _get(config, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class _Problems:
+  """Collects "config.key=value: must be ..." lines."""
+
+  def __init__(self, config):
+    self.config, self.lines = config, []
+
+  def value(self, key: str):
+    try:
+      return _get(self.config, key)
+    except (KeyError, AttributeError):
+      self.lines.append(f"config.{key} is missing: add it (configs/default.py has every key)")
+      return None
+
+  def require(self, key: str, ok: Callable[[Any], bool], what: str) -> Any:
+    value = self.value(key)
+    if value is not None and not ok(value):
+      self.lines.append(f"config.{key}={value!r}: must be {what}")
+    return value
+
+  def integer(self, key: str, minimum: int) -> int | None:
+    value = self.require(key, lambda v: _is_int(v) and v >= minimum, f"an integer >= {minimum}")
+    return value if _is_int(value) and value >= minimum else None
+
+  def choice(self, key: str, choices) -> None:
+    self.require(key, lambda v: v in choices, f"one of {', '.join(map(repr, choices))}")
+
+  def call(self, what: str, fn: Callable[[], Any]) -> Any:
+    """Runs an existing validator (model registry, optimizer, loss, mesh) and keeps its message."""
+    try:
+      return fn()
+    except (ValueError, TypeError, KeyError) as e:
+      self.lines.append(f"{what}: {e}")
+      return None
+
+
+def validate(config, mode: str) -> None:
+  """Raises ConfigError listing every problem in the sections `mode` reads (see SECTIONS); nothing else runs."""
+  from urisc_jax import losses, models, optim, platforms, sharding  # pylint: disable=g-import-not-at-top
+
+  sections = SECTIONS.get(mode, ())
+  problems = _Problems(config)
+  multiple = None
+  if "model" in sections:
+    name = problems.value("model.name")
+    if name is not None:
+      multiple = problems.call("config.model.name", lambda: models.input_multiple(name))
+    problems.require("model.width", lambda v: _is_number(v) and v >= SMALLEST_WIDTH,
+                     f"a number >= {SMALLEST_WIDTH:g} (1/64: the 64-channel stem keeps one channel; 1.0 is the "
+                     "published model)")
+    problems.call("config.model.dtype", lambda: platforms.compute_dtype(config.model.get("dtype", "float32")))
+    if not problems.lines:
+      overrides = {k: v for k, v in config.model.items() if k not in ("name", "dtype")}
+      problems.call("config.model", lambda: models.build(name, in_channels=1, num_classes=1, **overrides))
+
+  if "data" in sections or "data_images" in sections:
+    problems.require("data.std", lambda v: _is_number(v) and v > 0, "a positive number")
+    problems.require("data.mean", _is_number, "a finite number")
+    problems.integer("data.max_image_pixels", 1)
+  if "data" in sections:
+    problems.choice("data.membrane", MEMBRANE_CHOICES)
+    problems.require("data.label_threshold", lambda v: v is None or (_is_int(v) and 0 <= v <= 255),
+                     "unset or an integer gray level in 0..255")
+    problems.integer("data.num_workers", 0)
+    crop = problems.integer("data.crop_size", 1)
+    if crop and multiple and crop % multiple:
+      problems.lines.append(f"config.data.crop_size={crop}: must be a multiple of {multiple}, the input multiple of "
+                            f"config.model.name={config.model.name!r} (e.g. {-(-crop // multiple) * multiple})")
+    if config.data.get("source") == "synthetic":
+      height = problems.integer("data.synthetic.height", 1)
+      width = problems.integer("data.synthetic.width", 1)
+      problems.integer("data.synthetic.num_train", 1)
+      problems.integer("data.synthetic.num_val", 0)
+      problems.integer("data.synthetic.num_test", 0)
+      if crop and height and width and crop > min(height, width):
+        problems.lines.append(f"config.data.crop_size={crop}: must be at most the synthetic images' "
+                              f"{height} x {width} (config.data.synthetic.height / width)")
+
+  if "train" in sections:
+    steps = problems.integer("train.num_steps", 1)
+    batch = problems.integer("train.batch_size", 1)
+    for key in ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints"):
+      problems.integer(key, 1)
+    problems.integer("train.eval_every", 0)
+    if batch and batch % jax.process_count():
+      problems.lines.append(f"config.train.batch_size={batch}: must be a multiple of the {jax.process_count()} "
+                            "processes of this run")
+    if "optim" in sections and steps:
+      problems.require("optim.learning_rate", lambda v: _is_number(v) and v > 0, "a positive number")
+      problems.integer("optim.warmup_steps", 0)
+      problems.call("config.optim", lambda: optim.optimizer_from_config(config.optim, steps))
+    if "loss" in sections:
+      problems.call("config.loss", lambda: losses.from_config(config.loss))
+    if "mesh" in sections:
+      mesh = problems.call("config.mesh", lambda: sharding.mesh_from_config(config.mesh))
+      if mesh is not None:
+        problems.call("config.mesh", lambda: sharding.check_spatial_axis_within_hosts(mesh))
+        if crop and multiple:
+          problems.call("config.mesh", lambda: sharding.check_spatial_split(mesh, crop, stride=multiple))
+        if batch and batch % sharding.data_parallel_size(mesh):
+          problems.lines.append(f"config.train.batch_size={batch}: must be a multiple of the mesh's data axis "
+                                f"({sharding.data_parallel_size(mesh)} devices); change it or config.mesh")
+
+  if "predict" in sections:
+    tile = problems.integer("predict.tile", 1)
+    if tile and multiple and tile % multiple:
+      problems.lines.append(f"config.predict.tile={tile}: must be a multiple of {multiple}, the model's input "
+                            "multiple")
+    problems.require("predict.step", lambda v: _is_number(v) and 0 < v <= 1, "a fraction of the tile in (0, 1]")
+    problems.require("predict.halo", lambda v: v is None or (_is_int(v) and v >= 0),
+                     "unset (blended tiles) or an integer >= 0")
+    predict_batch = problems.integer("predict.batch_size", 1)
+    if predict_batch and predict_batch % jax.process_count():
+      problems.lines.append(f"config.predict.batch_size={predict_batch}: must be a multiple of the "
+                            f"{jax.process_count()} processes of this run")
+    problems.choice("predict.tta", TTA_CHOICES)
+    problems.choice("predict.blend", BLEND_CHOICES)
+    problems.choice("predict.on_error", ON_ERROR_CHOICES)
+    problems.require("predict.threshold", lambda v: v is None or (_is_number(v) and 0 < v < 1),
+                     "unset (chosen on validation images) or a probability in (0, 1)")
+
+  if "eval" in sections:
+    problems.choice("eval.gt_mode", GT_MODES)
+
+  if "attribution" in sections:
+    for key in ("attribution.steps", "attribution.num_targets", "attribution.chunk_size",
+                "attribution.targets_per_pass"):
+      problems.integer(key, 1)
+    problems.integer("attribution.border", 0)
+    problems.require("attribution.pixel_nm", lambda v: _is_number(v) and v > 0, "a positive pixel size in nm")
+
+  if problems.lines:
+    raise ConfigError(f"the config of this --mode={mode} run has {len(problems.lines)} problem"
+                      f"{'s' if len(problems.lines) > 1 else ''}:\n  " + "\n  ".join(problems.lines))
