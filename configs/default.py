@@ -204,6 +204,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.criteria.scale = 1024 / 9958  # Track 2's size relative to Track 1
   config.criteria.methods = ("area", "bilinear", "bicubic", "lanczos")
 
+  # --mode=export: the trained model in a format other tools open (README, "Use a trained model elsewhere").
+  # format: "onnx" (onnxruntime, ilastik, Fiji) | "torch" (a PyTorch state dict: .safetensors, or .pt / .pth in
+  # torch.save's format; segmentation_models_pytorch names for U-Net and LinkNet) | "bioimageio" (a bioimage.io model
+  # package: a folder, or a .zip) | "stablehlo" (a serialized jax.export module for JAX serving).
+  config.export = ml_collections.ConfigDict()
+  config.export.format = "onnx"
+  config.export.output = ""  # "" = workdir/export/model.<onnx|safetensors|stablehlo> or workdir/export/bioimageio
+  config.export.checkpoint = "best"  # "best" (workdir/checkpoints_best, else the latest) | "latest" | a folder
+  config.export.sigmoid = False  # onnx / stablehlo: output probabilities instead of logits
+  # bioimageio: the image its test tensors and cover are cut from ("" = the first image of config.data's test
+  # split), and the size of that square crop (a multiple of the model's input multiple).
+  config.export.sample = ""
+  config.export.sample_size = 256
+
   # --mode=attribute: integrated gradients of the logits of sampled pixels of the trained model, by outcome, and
   # their attribution fields S_k (see urisc_jax/attribution/): workdir/attribution/{stats,targets}.json + figures.
   config.attribution = ml_collections.ConfigDict()

@@ -21,10 +21,12 @@ SECTIONS = {
     "prepare": ("data",),
     "criteria": ("data",),
     "attribute": ("model", "predict", "attribution", "data"),
+    "export": ("model", "export", "data_images"),
 }
 TTA_CHOICES = (1, 2, 4, 8)
 ON_ERROR_CHOICES = ("stop", "skip")
 GT_MODES = ("official", "binarized")
+EXPORT_FORMATS = ("onnx", "torch", "bioimageio", "stablehlo")
 MEMBRANE_CHOICES = ("black", "white")
 BLEND_CHOICES = ("gaussian", "constant")
 SMALLEST_WIDTH = 1 / 64  # the 64-channel stem keeps at least one channel
@@ -171,6 +173,16 @@ def validate(config, mode: str) -> None:
 
   if "eval" in sections:
     problems.choice("eval.gt_mode", GT_MODES)
+
+  if "export" in sections:
+    problems.choice("export.format", EXPORT_FORMATS)
+    problems.require("export.sigmoid", lambda v: isinstance(v, bool), "True or False")
+    problems.require("export.checkpoint", lambda v: isinstance(v, str) and v != "",
+                     "'best', 'latest' or a checkpoint folder")
+    size = problems.integer("export.sample_size", 1)
+    if size and multiple and size % multiple:
+      problems.lines.append(f"config.export.sample_size={size}: must be a multiple of {multiple}, the model's input "
+                            "multiple")
 
   if "attribution" in sections:
     for key in ("attribution.steps", "attribution.num_targets", "attribution.chunk_size",

@@ -11,10 +11,13 @@ Modes:
   criteria  image definition criteria (Brenner, SMD2, Variance, Vollath) of images and their downsampled versions
   attribute integrated gradients of sampled true-positive, false-positive and false-negative pixels of the trained
             model and their attribution fields S_k: workdir/attribution/ (stats.json, targets.json, figures)
+  export    the best checkpoint as --config.export.format=onnx|torch|bioimageio|stablehlo at
+            --config.export.output (default workdir/export/): see urisc_jax/export/
 
 A process of a multi-process run (one per host, or per GPU) adds --distributed (JAX finds the job: SLURM, Cloud TPU
 pods) or --coordinator_address=HOST:PORT --num_processes=N --process_id=I; train, predict and attribute then run on
-all processes together and process 0 writes the results; evaluate, prepare and criteria run on process 0 alone.
+all processes together and process 0 writes the results; evaluate, prepare, criteria and export run on process 0
+alone.
 A run stopped by SIGTERM saves a checkpoint and exits with status 143; rerunning the same command resumes it.
 """
 
@@ -31,7 +34,7 @@ from urisc_jax.data import imageio
 from urisc_jax.evaluation import f1
 from urisc_jax.models import torch_import
 
-MODES = ("train", "predict", "evaluate", "prepare", "criteria", "attribute")
+MODES = ("train", "predict", "evaluate", "prepare", "criteria", "attribute", "export")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/default.py.",
                                           lock_config=True)
@@ -70,7 +73,7 @@ def run(config, workdir: pathlib.Path, mode: str) -> dict | list:
   if mode == "predict":
     from urisc_jax import predict
     return [str(p) for p in predict.predict_files(config, workdir)]
-  if mode in ("evaluate", "prepare", "criteria") and not multihost.is_writer():
+  if mode in ("evaluate", "prepare", "criteria", "export") and not multihost.is_writer():
     return {}  # Host work on files: process 0 does it for the job.
   if mode == "evaluate":
     from urisc_jax.evaluation import report
@@ -88,6 +91,9 @@ def run(config, workdir: pathlib.Path, mode: str) -> dict | list:
   if mode == "attribute":
     from urisc_jax.attribution import run as attribution_run
     return attribution_run.attribute(config, workdir)
+  if mode == "export":
+    from urisc_jax import export
+    return export.export(config, workdir)
   raise app.UsageError(f"Unknown mode {mode!r}; choose one of {MODES}.")
 
 

@@ -62,6 +62,12 @@ def write_json(path: str | pathlib.Path, payload: dict) -> None:
     tmp.write_text(json.dumps(json_safe(payload), indent=2, sort_keys=True) + "\n")
 
 
+def write_bytes(path: str | pathlib.Path, data: bytes) -> None:
+  """Writes `data` to `path` atomically (exported models, serialized programs)."""
+  with atomic_path(path) as tmp:
+    tmp.write_bytes(data)
+
+
 def write_text(path: str | pathlib.Path, text: str) -> None:
   """A text file (a report, the resolved config), written atomically."""
   with atomic_path(path) as tmp:

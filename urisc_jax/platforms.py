@@ -28,9 +28,11 @@ the machine that traces it: `jax.jit(f).trace(x).lower(lowering_platforms=("cuda
 what a GPU compiles.
 """
 
+import contextlib
+import contextvars
 import os
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +42,46 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "float64")
 CACHE_ENV = "URISC_JAX_CACHE"
 
 
+# What a model traces to while it is being exported: "" (normal: per backend), "plain" or "portable" (`plain_forms`).
+_EXPORT_FORMS = contextvars.ContextVar("urisc_jax_export_forms", default="")
+
+
+@contextlib.contextmanager
+def plain_forms(*, portable: bool = False) -> Iterator[None]:
+  """Within this context, models trace to the plain forms only (`lax.conv_general_dilated`, no
+  `lax.platform_dependent` switch): what an exported graph holds.
+
+  An exported program is run by another runtime (onnxruntime, a JAX server on any backend), which must not meet
+  the XLA:CPU forms (1x1 convolutions as dot products, phase-form transposed convolutions) nor a `platform_index`
+  switch that only XLA resolves. The choice is made at trace time, so the context must hold while the model is
+  traced (`jax.export`, `jax2onnx.to_onnx`); already compiled functions are not affected.
+
+  Args:
+    portable: also restate the operations that ONNX converters map wrongly or not at all, in primitives that map
+      one to one onto ONNX operators: transposed convolutions as zero insertion (pad + reshape) and an ordinary
+      convolution (`layers.zero_inserted_conv_transpose2d`), max pools as maxima over reshaped windows
+      (`layers.reshaped_max_pool2d`). Same values (max is exact; the convolution sums the same products).
+  """
+  token = _EXPORT_FORMS.set("portable" if portable else "plain")
+  try:
+    yield
+  finally:
+    _EXPORT_FORMS.reset(token)
+
+
+def export_forms() -> str:
+  """"" normally; "plain" or "portable" inside `plain_forms` (tracing for export)."""
+  return _EXPORT_FORMS.get()
+
+
 def per_backend(*, cpu: Callable, accelerator: Callable) -> Callable:
   """f(*args) that computes `cpu(*args)` where the program is compiled for XLA:CPU and `accelerator(*args)` for
-  CUDA, ROCm and TPU. Both must return the same shapes and dtypes (the same values, up to rounding)."""
+  CUDA, ROCm and TPU. Both must return the same shapes and dtypes (the same values, up to rounding). Inside
+  `plain_forms` (tracing for export) it is `accelerator` alone."""
 
   def chosen(*args):
+    if _EXPORT_FORMS.get():
+      return accelerator(*args)
     return jax.lax.platform_dependent(*args, cpu=cpu, default=accelerator)
 
   return chosen

@@ -51,6 +51,11 @@ CASES = [
     ("predict", {"predict.halo": -1}, "config.predict.halo=-1: must be unset (blended tiles) or an integer >= 0"),
     ("predict", {"predict.batch_size": 0}, "config.predict.batch_size=0: must be an integer >= 1"),
     ("evaluate", {"eval.gt_mode": "binary"}, "config.eval.gt_mode='binary': must be one of 'official', 'binarized'"),
+    ("export", {"export.format": "tflite"},
+     "config.export.format='tflite': must be one of 'onnx', 'torch', 'bioimageio', 'stablehlo'"),
+    ("export", {"export.sample_size": 100}, "config.export.sample_size=100: must be a multiple of 32"),
+    ("export", {"export.sigmoid": "yes"}, "config.export.sigmoid='yes': must be True or False"),
+    ("export", {"export.checkpoint": ""}, "config.export.checkpoint='': must be 'best', 'latest' or a checkpoint"),
     ("attribute", {"attribution.steps": 0}, "config.attribution.steps=0: must be an integer >= 1"),
     ("attribute", {"attribution.pixel_nm": 0.0}, "config.attribution.pixel_nm=0.0: must be a positive pixel size"),
 ]

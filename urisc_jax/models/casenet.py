@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from urisc_jax import platforms
 from urisc_jax.models import layers
 from urisc_jax.models import resnet
 
@@ -79,6 +80,10 @@ class OriginalSides(nn.Module):
     return side1, side2, side3, side5
 
 
+# Strides of the features the U-RISC variant's sides read (stem, layer1 .. layer4; layer4 is dilated).
+SIDE_STRIDES = (1, 2, 4, 8, 8)
+
+
 class URiscSides(nn.Module):
   """Five sides (1x1 conv -> BN -> bilinear upsample), one per feature: features -> 5 x [N, H, W, K]."""
   num_classes: int
@@ -91,7 +96,11 @@ class URiscSides(nn.Module):
       side = layers.conv(self.num_classes, 1, dtype=self.dtype, kernel_init=layers.decoder_conv_init,
                          name=f"side{i}_conv")(feature)
       side = layers.BatchNorm(dtype=self.dtype, name=f"side{i}_bn")(side, train)
-      if side.shape[1:3] != (height, width):
+      if platforms.export_forms():
+        # Exported graphs take symbolic H and W, which the size comparison below cannot decide: upsample by the
+        # side's known stride in a form exporters map exactly (same values).
+        side = layers.upsample_bilinear(side, SIDE_STRIDES[i - 1])
+      elif side.shape[1:3] != (height, width):
         side = layers.resize_bilinear(side, height, width)
       sides.append(side)
     return sides

@@ -243,6 +243,28 @@ def dilated_conv_transpose2d(x: jax.Array, kernel: jax.Array, stride: int, paddi
       lhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
+def zero_inserted_conv_transpose2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int,
+                                   groups: int = 1) -> jax.Array:
+  """`dilated_conv_transpose2d` with the stride's zeros inserted explicitly (pad a unit axis, reshape) and an
+  ordinary stride-1 convolution, for exporters: ONNX converters map an lhs-dilated convolution to ConvTranspose
+  with the wrong strides (jax2onnx 0.12.5), while Pad, Reshape and Conv map one to one. Same arguments and result.
+
+  Each input pixel is followed by stride - 1 zeros along H and W, [N, H, W, C] -> [N, sH, sW, C]: the dilated input
+  plus stride - 1 trailing zeros, which the end padding discounts.
+  """
+  n, h, w, c = x.shape
+  k = kernel.shape[0]
+  edge = k - 1 - padding
+  end = edge - (stride - 1)
+  if end < 0:
+    return dilated_conv_transpose2d(x, kernel, stride, padding, groups)
+  spread = jnp.pad(x[:, :, None, :, None, :], ((0, 0), (0, 0), (0, stride - 1), (0, 0), (0, stride - 1), (0, 0)))
+  spread = spread.reshape(n, h * stride, w * stride, c)
+  return jax.lax.conv_general_dilated(
+      spread, kernel[::-1, ::-1], window_strides=(1, 1), padding=((edge, end), (edge, end)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
 def conv_transpose2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1) -> jax.Array:
   """torch's ConvTranspose2d on NHWC: x [N, H, W, Cin], kernel [k, k, Cin/groups, Cout] -> [N, H', W', Cout].
 
@@ -250,6 +272,8 @@ def conv_transpose2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int,
   lhs-dilated convolution as a convolution's data gradient); on the CPU `conv_transpose2d_cpu` where k - 2 * padding
   = stride.
   """
+  if platforms.export_forms() == "portable":
+    return zero_inserted_conv_transpose2d(x, kernel, stride, padding, groups)
   dilated = functools.partial(dilated_conv_transpose2d, stride=stride, padding=padding, groups=groups)
   if kernel.shape[0] - 2 * padding != stride:
     return dilated(x, kernel)
@@ -307,6 +331,39 @@ class ConvTranspose2d(nn.Module):
     kernel = _grouped_kernel(self, x.shape[-1])
     y = conv_transpose2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding, self.groups)
     return _add_bias(self, y)
+
+
+def max_pool2d(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
+  """torch's MaxPool2d(window, stride, padding) on NHWC: padding counts as -inf, [N, H, W, C] -> [N, H', W', C].
+
+  The same `lax.reduce_window` max that `flax.linen.max_pool` builds, called directly: exporters that patch Flax's
+  pooling function (jax2onnx) then see the primitive itself, with its explicit padding.
+  """
+  if platforms.export_forms() == "portable" and (window, stride, padding) in ((2, 2, 0), (3, 2, 1)):
+    return reshaped_max_pool2d(x, window, padding)
+  init = jnp.array(-jnp.inf, x.dtype)
+  return jax.lax.reduce_window(x, init, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
+                               ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
+def reshaped_max_pool2d(x: jax.Array, window: int, padding: int) -> jax.Array:
+  """`max_pool2d` at stride 2 for (window 2, padding 0) and (window 3, padding 1), the model's two pools, as maxima
+  over reshaped pairs (Reshape, Pad, Slice, Max in ONNX), one axis after the other (a max over a square window
+  is separable). For exporters: jax2onnx 0.12.5 emits MaxPool over all four NHWC axes, which onnxruntime refuses.
+  H and W must be even (every model's input multiple makes them so).
+  """
+  for axis in (1, 2):
+    size = x.shape[axis]
+    shape = x.shape[:axis] + (size // 2, 2) + x.shape[axis + 1:]
+    pairs = x.reshape(shape)  # (x[2i], x[2i + 1])
+    y = jnp.maximum(*(jax.lax.index_in_dim(pairs, i, axis + 1, keepdims=False) for i in (0, 1)))
+    if window == 3:  # and x[2i - 1], with -inf above the first row (torch's padding 1)
+      widths = [(0, 0)] * x.ndim
+      widths[axis] = (padding, 0)
+      previous = jax.lax.slice_in_dim(jnp.pad(x, widths, constant_values=-jnp.inf), 0, size, axis=axis)
+      y = jnp.maximum(y, jax.lax.index_in_dim(previous.reshape(shape), 0, axis + 1, keepdims=False))
+    x = y
+  return x
 
 
 def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
@@ -385,6 +442,45 @@ def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
   """Bilinear resize with half-pixel centres (torch's align_corners=False): [N, H, W, C] -> [N, height, width, C]."""
   n, _, _, c = x.shape
   return jax.image.resize(x, (n, height, width, c), method="bilinear", antialias=False)
+
+
+def upsample_bilinear(x: jax.Array, factor: int) -> jax.Array:
+  """`resize_bilinear` to factor x the size, [N, H, W, C] -> [N, fH, fW, C], for an integer factor, written as
+  convolutions and reshapes: what exporters map exactly and with symbolic H and W (jax2onnx 0.12.5 turns
+  `jax.image.resize` into a Resize of other coordinates and needs every dimension fixed).
+
+  Output row f * i + r sits at input coordinate i + t_r, t_r = (r + 0.5) / f - 0.5 (half-pixel centres), between
+  rows i and i + 1 (t_r >= 0) or i - 1 and i (t_r < 0). One depthwise 3-tap convolution per axis gives the f phases
+  as channels, a reshape interleaves them. Taps outside the image are dropped and the rest renormalized (divided by
+  the same convolution of ones), as `jax.image.resize` does: at the border an upsampling repeats the edge value.
+  """
+  if factor == 1:
+    return x
+  channels = x.shape[-1]
+  taps = np.zeros((3, factor), np.float32)
+  for r in range(factor):
+    t = (r + 0.5) / factor - 0.5
+    taps[:, r] = (0.0, 1 - t, t) if t >= 0 else (-t, 1 + t, 0.0)
+  # [3, f] -> depthwise kernel [3, 1, 1, C * f], output channel c * f + r.
+  kernel = jnp.asarray(np.tile(taps, (1, channels)).reshape(3, 1, 1, channels * factor), x.dtype)
+  ones = jnp.ones_like(x[..., :1])
+  for axis in (1, 2):
+    k = kernel if axis == 1 else kernel.transpose(1, 0, 2, 3)
+    pad = ((1, 1), (0, 0)) if axis == 1 else ((0, 0), (1, 1))
+
+    def spread(z, k=k, pad=pad):
+      return jax.lax.conv_general_dilated(z, k, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                          feature_group_count=z.shape[-1])
+
+    n, h, w = x.shape[:3]
+    weight = spread(ones, k[..., :factor])  # [N, H, W, f]: 1 inside, the kept taps' sum at the border
+    y = spread(x).reshape(n, h, w, channels, factor) / weight[..., None, :]
+    if axis == 1:
+      x = y.transpose(0, 1, 4, 2, 3).reshape(n, h * factor, w, channels)
+    else:
+      x = y.transpose(0, 1, 2, 4, 3).reshape(n, h, w * factor, channels)
+    ones = jnp.ones_like(x[..., :1])
+  return x
 
 
 def check_spatial_size(x: jax.Array, multiple: int, model: str) -> None:

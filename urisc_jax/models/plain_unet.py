@@ -55,7 +55,7 @@ class PlainUNetEncoder(nn.Module):
     features = []
     for i, channels in enumerate(self.channels):
       if i:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = layers.max_pool2d(x, 2, 2)
       x = DoubleConv(channels, self.batch_norm, dtype=self.dtype, name=f"block{i}")(x, train)
       features.append(x)
     return features

@@ -174,7 +174,7 @@ class ResNet(nn.Module):
       x = nn.relu(layers.BatchNorm(dtype=self.dtype, name="bn1")(x, train))
     features = [x]
     # torch's MaxPool2d(3, 2, padding=1) pads with -inf, as reduce_window's max does.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = layers.max_pool2d(x, 3, 2, 1)
 
     dilation = 1
     stage_strides = (1, 2, 2, 2)
