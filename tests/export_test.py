@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from urisc_jax import checkpoint, models, optim, state
+from urisc_jax import checkpoint, models, optim, platforms, state
 from urisc_jax import export as exporting
 from urisc_jax.data import synthetic
 from urisc_jax.export import bioimageio_package, graph, onnx_graph, stablehlo, torch_state
-from urisc_jax.models import torch_import
+from urisc_jax.models import layers, torch_import
 
 TOLERANCE = 1e-4
 BEST_STEP, LATEST_STEP = 3, 4
@@ -41,7 +41,9 @@ def _assert_close(got, want):
 
 def _calibrated_state(model, tx, config, image):
   """Initial parameters with BatchNorm running statistics moved to a real image's (eval logits of a sane scale)."""
-  st = jax.jit(lambda rng: state.init_state(model, tx, rng, config.data.crop_size))(jax.random.key(0))
+  variables = models.init_variables(model, (1, config.data.crop_size, config.data.crop_size, 1))
+  st = state.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                        batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
   x = ((image[None, :, :, None] / 255.0 - config.data.mean) / config.data.std).astype(np.float32)
   update = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"])
   stats = st.batch_stats
@@ -141,7 +143,6 @@ def test_stablehlo_module_serves_symbolic_batch_and_sizes(run, trained, tmp_path
   summary = _export(run, "stablehlo", tmp_path / "model.stablehlo", sigmoid=True)
   assert set(summary["platforms"]) == {"cpu", "cuda", "tpu"}
   exported = stablehlo.load(tmp_path / "model.stablehlo")
-  assert "stablehlo.case" not in exported.mlir_module()  # plain forms only: no per-backend switch
   for x in (_batch(_synthetic(64, 96, 4)), _batch(*(_synthetic(128, 64, s) for s in (5, 6, 7)))):
     got = np.asarray(exported.call(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
     _assert_close(got, _jax_logits(trained, x, sigmoid=True))
@@ -170,8 +171,37 @@ def test_torch_export_loads_strictly_into_the_torch_model_and_matches(run, train
   _export(run, "torch", tmp_path / "model.pt")
   pth = torch.load(tmp_path / "model.pt", weights_only=True)
   safetensors = load_file(tmp_path / "model.safetensors")
-  assert list(pth) == list(safetensors)
+  assert set(pth) == set(safetensors)
   assert all(torch.equal(pth[k], safetensors[k]) for k in pth)
+
+
+def test_exported_programs_hold_plain_forms_only(trained):
+  def trace():  # a new function each time: JAX caches a function's trace whatever context it was made in
+    forward = graph.inference_function(trained.model, trained.variables, mean=trained.mean, std=trained.std)
+    return str(jax.make_jaxpr(forward)(jax.ShapeDtypeStruct((1, 1, 64, 64), np.float32)))
+
+  assert "platform_index" in trace()  # the normal trace chooses per backend
+  with platforms.plain_forms():
+    assert "platform_index" not in trace()
+  with platforms.plain_forms(portable=True):
+    jaxpr = trace()
+  assert "platform_index" not in jaxpr and "reduce_window" not in jaxpr and "lhs_dilation=(2, 2)" not in jaxpr
+
+
+def test_portable_forms_compute_the_same_function():
+  x = np.random.default_rng(0).standard_normal((2, 12, 20, 3)).astype(np.float32)
+  kernel = np.random.default_rng(1).standard_normal((4, 4, 3, 5)).astype(np.float32)
+  _assert_close(layers.zero_inserted_conv_transpose2d(x, kernel, 2, 1),
+                layers.dilated_conv_transpose2d(x, kernel, 2, 1))
+  grouped = np.random.default_rng(2).standard_normal((16, 16, 1, 3)).astype(np.float32)
+  _assert_close(layers.zero_inserted_conv_transpose2d(x, grouped, 8, 4, groups=3),
+                layers.dilated_conv_transpose2d(x, grouped, 8, 4, groups=3))
+  for window, padding in ((3, 1), (2, 0)):
+    np.testing.assert_array_equal(layers.reshaped_max_pool2d(x, window, padding),
+                                  jax.lax.reduce_window(x, -np.inf, jax.lax.max, (1, window, window, 1), (1, 2, 2, 1),
+                                                        ((0, 0), (padding, padding), (padding, padding), (0, 0))))
+  for factor in (2, 4, 8):
+    _assert_close(layers.upsample_bilinear(x, factor), layers.resize_bilinear(x, 12 * factor, 20 * factor))
 
 
 @pytest.mark.parametrize("name,overrides", [

@@ -54,7 +54,9 @@ def plain_forms(*, portable: bool = False) -> Iterator[None]:
   An exported program is run by another runtime (onnxruntime, a JAX server on any backend), which must not meet
   the XLA:CPU forms (1x1 convolutions as dot products, phase-form transposed convolutions) nor a `platform_index`
   switch that only XLA resolves. The choice is made at trace time, so the context must hold while the model is
-  traced (`jax.export`, `jax2onnx.to_onnx`); already compiled functions are not affected.
+  traced (`jax.export`, `jax2onnx.to_onnx`); already compiled functions are not affected. JAX caches a function's
+  trace by the function object and argument shapes, not by this context: trace a function made for the export (as
+  `export.graph.inference_function` makes one per call), not one already traced outside the context.
 
   Args:
     portable: also restate the operations that ONNX converters map wrongly or not at all, in primitives that map

@@ -7,6 +7,7 @@ Folder layout (or the same files in a .zip when the output path ends with .zip):
                       format, written without torch), architecture `segmentation_models_pytorch.Unet` / `Linknet`
   test_input.npy      float32 [1, 1, S, S]: a crop of a real image, gray values 0..255 as read
   test_output.npy     float32 [1, 1, S, S]: the membrane probability the JAX model computes for it
+  sample_input.tif, sample_output.tif   the same as images (uint8 gray, float32 probability)
   cover.png           the crop and the prediction drawn on it, side by side
   README.md           what the model is, how to feed it, the halo and the threshold, the citation
 
@@ -130,6 +131,8 @@ def _write_folder(trained, sample, folder: pathlib.Path, *, size: int) -> dict:
     with outputs.atomic_path(folder / file_name) as tmp:
       with open(tmp, "wb") as f:
         np.save(f, array)
+  outputs.write_tiff(folder / "sample_input.tif", crop)  # the same, as images a person can open
+  outputs.write_tiff(folder / "sample_output.tif", test_output[0, 0])
   membrane = test_output[0, 0] >= trained.threshold
   cover = np.concatenate([np.repeat(crop[..., None], 3, axis=-1), inference.overlay(crop, membrane)], axis=1)
   outputs.write_png(folder / "cover.png", cover)
@@ -163,7 +166,8 @@ def _model_title(trained) -> str:
   if trained.name in ("unet", "linknet", "casenet") and config.get("encoder"):
     title += "-" + str(config["encoder"]).replace("resnet", "ResNet")
   width = float(config.get("width", 1.0))
-  return title + ("" if width == 1.0 else f" (width {width:g})")
+  # bioimage.io names allow letters, digits, _+-() and spaces only.
+  return title + ("" if width == 1.0 else f" ({100 * width:.0f} pct width)")
 
 
 def _description(trained, weights: dict, *, sample_name: str, side: int) -> dict:
@@ -187,8 +191,8 @@ def _description(trained, weights: dict, *, sample_name: str, side: int) -> dict
       "cite": [{"text": CITATION, "doi": CITATION_DOI}],
       "license": "MIT",
       "tags": ["electron-microscopy", "membrane-segmentation", "semantic-segmentation", "2d", "onnx", "jax"],
-      "documentation": "README.md",
-      "covers": ["cover.png"],
+      "documentation": {"source": "README.md"},
+      "covers": [{"source": "cover.png"}],
       "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
       "inputs": [{
           "id": INPUT_ID,
@@ -196,6 +200,7 @@ def _description(trained, weights: dict, *, sample_name: str, side: int) -> dict
           "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["gray"]},
                    {"type": "space", "id": "y", "size": space}, {"type": "space", "id": "x", "size": space}],
           "test_tensor": {"source": "test_input.npy"},
+          "sample_tensor": {"source": "sample_input.tif"},
           "data": {"type": "float32", "range": [0.0, 255.0]},
           "preprocessing": [
               {"id": "scale_linear", "kwargs": {"gain": 1.0 / 255.0, "offset": 0.0}},
@@ -207,6 +212,7 @@ def _description(trained, weights: dict, *, sample_name: str, side: int) -> dict
           "description": "membrane probability",
           "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["membrane"]}] + output_axes,
           "test_tensor": {"source": "test_output.npy"},
+          "sample_tensor": {"source": "sample_output.tif"},
           "data": {"type": "float32", "range": [0.0, 1.0]},
           "postprocessing": [{"id": "sigmoid"}],
       }],
@@ -261,7 +267,6 @@ def validate(rdf_path: pathlib.Path) -> str:
   descr = load_description(str(rdf_path), perform_io_checks=True)
   summary = descr.validation_summary
   if summary.status == "failed":
-    raise ValueError(f"{rdf_path}: bioimageio.spec rejects the description:\n{summary.display(brief=True) or ''}"
-                     if hasattr(summary, "display") else f"{rdf_path}: invalid: {summary}")
+    raise ValueError(f"{rdf_path}: bioimageio.spec rejects the description:\n{summary.format()}")
   return str(summary.status)
 
