@@ -128,15 +128,34 @@ def export(config, workdir: str | pathlib.Path) -> dict:
   if fmt not in FORMATS:
     raise ValueError(f"config.export.format={fmt!r}: choose one of {', '.join(FORMATS)}")
   trained = load_trained(config, workdir)
-  path = output_path(config, workdir)
+  sample = None
+  if fmt == "bioimageio":
+    from urisc_jax.export import bioimageio_package  # pylint: disable=g-import-not-at-top
+    sample = bioimageio_package.sample_image(config, workdir)
+  summary = write(trained, fmt, output_path(config, workdir), sigmoid=config.export.sigmoid, sample=sample,
+                  sample_size=config.export.sample_size)
+  return {**summary, "checkpoint": str(trained.checkpoint_dir)}
+
+
+def write(trained: TrainedModel, fmt: str, path: str | pathlib.Path, *, sigmoid: bool = False,
+          sample: tuple[str, np.ndarray] | None = None, sample_size: int = 256) -> dict:
+  """Writes `trained` as `fmt` at `path`; returns a summary with the size in bytes.
+
+  Args:
+    trained: the model and what to know about it (`load_trained`).
+    fmt: one of FORMATS.
+    path: the file (onnx, torch: .safetensors, .pt or .pth; stablehlo) or the package folder / .zip (bioimageio).
+    sigmoid: onnx and stablehlo: probabilities instead of logits.
+    sample: bioimageio: (name, uint8 [H, W]) the image its test tensors and cover are cut from.
+    sample_size: bioimageio: side of the test crop.
+  """
+  path = pathlib.Path(path)
   summary = {"format": fmt, "output": str(path), "model": trained.name, "step": trained.step,
-             "checkpoint": str(trained.checkpoint_dir), "input_multiple": trained.multiple,
-             "normalization": {"mean": trained.mean, "std": trained.std}}
+             "input_multiple": trained.multiple, "normalization": {"mean": trained.mean, "std": trained.std}}
   if fmt == "onnx":
     from urisc_jax.export import onnx_graph  # pylint: disable=g-import-not-at-top
     proto = onnx_graph.convert(trained.model, trained.variables, mean=trained.mean, std=trained.std,
-                               multiple=trained.multiple, sigmoid=config.export.sigmoid,
-                               metadata=describe(trained, sigmoid=config.export.sigmoid))
+                               multiple=trained.multiple, sigmoid=sigmoid, metadata=describe(trained, sigmoid=sigmoid))
     summary.update(bytes=onnx_graph.save(proto, path), opset=onnx_graph.OPSET,
                    input="image float32 [batch, 1, height, width], gray in [0, 1]",
                    output=f"{proto.graph.output[0].name} float32 [batch, 1, height, width]")
@@ -151,13 +170,16 @@ def export(config, workdir: str | pathlib.Path) -> dict:
   elif fmt == "stablehlo":
     from urisc_jax.export import stablehlo  # pylint: disable=g-import-not-at-top
     exported = stablehlo.export_module(trained.model, trained.variables, mean=trained.mean, std=trained.std,
-                                       multiple=trained.multiple, sigmoid=config.export.sigmoid)
+                                       multiple=trained.multiple, sigmoid=sigmoid)
     summary.update(bytes=stablehlo.save(exported, path), platforms=list(exported.platforms),
                    input=f"float32 {exported.in_avals[0].shape}, gray in [0, 1]")
-  else:
+  elif fmt == "bioimageio":
     from urisc_jax.export import bioimageio_package  # pylint: disable=g-import-not-at-top
-    sample = bioimageio_package.sample_image(config, workdir)
-    summary.update(bioimageio_package.build(trained, sample, path, size=config.export.sample_size))
+    if sample is None:
+      raise ValueError("the bioimageio format needs a sample image (name, uint8 [H, W]) for its test tensors")
+    summary.update(bioimageio_package.build(trained, sample, path, size=sample_size))
+  else:
+    raise ValueError(f"export format {fmt!r}: choose one of {', '.join(FORMATS)}")
   return summary
 
 
