@@ -114,6 +114,24 @@ def test_the_best_checkpoint_is_exported_by_default(run, trained):
   assert exporting.load_trained(config, workdir).step == LATEST_STEP
 
 
+def test_export_mode_through_main_writes_and_summarizes(run, tmp_path):
+  from urisc_jax import main  # pylint: disable=g-import-not-at-top
+  config, workdir = run
+  config = config.copy_and_resolve_references()
+  config.export.format, config.export.output = "torch", str(tmp_path / "weights.pt")
+  summary = main.run(config, workdir, "export")
+  assert summary["bytes"] == (tmp_path / "weights.pt").stat().st_size and summary["step"] == BEST_STEP
+  tensors = torch_import.read_checkpoint(tmp_path / "weights.pt")  # torch.save's format, read without torch
+  assert tensors["segmentation_head.0.bias"].shape == (1,)
+  assert tensors["encoder.bn1.num_batches_tracked"].shape == () and summary["tensors"] == len(tensors)
+
+
+def test_a_workdir_without_checkpoints_is_named(run, tmp_path):
+  config = run[0].copy_and_resolve_references()
+  with pytest.raises(FileNotFoundError, match="train first"):
+    exporting.load_trained(config, tmp_path)
+
+
 @pytest.fixture(scope="module")
 def onnx_model(run, tmp_path_factory):
   path = tmp_path_factory.mktemp("onnx") / "model.onnx"

@@ -28,8 +28,8 @@ import numpy as np
 from urisc_jax import inference, outputs
 from urisc_jax.export import graph, onnx_graph, torch_state
 
-CITATION = ("Shi R, Wang W, Li Z, He L, Sheng K, Ma L, Du K, Jiang T and Huang T (2022). U-RISC: an annotated "
-            "ultra-high-resolution electron microscopy dataset challenging the existing deep learning algorithms. "
+CITATION = ("Shi R, Wang W, Li Z, He L, Sheng K, Ma L, Du K, Jiang T and Huang T (2022). U-RISC: An Annotated "
+            "Ultra-High-Resolution Electron Microscopy Dataset Challenging the Existing Deep Learning Algorithms. "
             "Frontiers in Computational Neuroscience 16:842760.")
 CITATION_DOI = "10.3389/fncom.2022.842760"
 INPUT_ID, OUTPUT_ID = "raw", "membrane"
