@@ -176,7 +176,6 @@ def validate(config, mode: str) -> None:
 
   if "export" in sections:
     problems.choice("export.format", EXPORT_FORMATS)
-    problems.require("export.sigmoid", lambda v: isinstance(v, bool), "True or False")
     problems.require("export.checkpoint", lambda v: isinstance(v, str) and v != "",
                      "'best', 'latest' or a checkpoint folder")
     size = problems.integer("export.sample_size", 1)

@@ -54,7 +54,6 @@ CASES = [
     ("export", {"export.format": "tflite"},
      "config.export.format='tflite': must be one of 'onnx', 'torch', 'bioimageio', 'stablehlo'"),
     ("export", {"export.sample_size": 100}, "config.export.sample_size=100: must be a multiple of 32"),
-    ("export", {"export.sigmoid": "yes"}, "config.export.sigmoid='yes': must be True or False"),
     ("export", {"export.checkpoint": ""}, "config.export.checkpoint='': must be 'best', 'latest' or a checkpoint"),
     ("attribute", {"attribution.steps": 0}, "config.attribution.steps=0: must be an integer >= 1"),
     ("attribute", {"attribution.pixel_nm": 0.0}, "config.attribution.pixel_nm=0.0: must be a positive pixel size"),
