@@ -341,7 +341,8 @@ def max_pool2d(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.
   """
   if platforms.export_forms() == "portable" and (window, stride, padding) in ((2, 2, 0), (3, 2, 1)):
     return reshaped_max_pool2d(x, window, padding)
-  init = jnp.array(-jnp.inf, x.dtype)
+  # A concrete numpy scalar, so that reduce_window recognizes the max monoid (and has its gradient).
+  init = np.array(-np.inf, x.dtype)
   return jax.lax.reduce_window(x, init, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
                                ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
