@@ -79,9 +79,10 @@ def load_trained(config, workdir: str | pathlib.Path) -> TrainedModel:
   from urisc_jax import predict  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
   folder = checkpoint_folder(workdir, config.export.checkpoint)
-  model_config = dict(config.model.to_dict() if hasattr(config.model, "to_dict") else config.model)
-  model_config["dtype"] = "float32"  # exports compute in float32 whatever the training dtype was
-  model = state.build_model(_Config(model_config))
+  model_settings = config.model.copy_and_resolve_references()
+  model_settings.dtype = "float32"  # exports compute in float32 whatever the training dtype was
+  model = state.build_model(model_settings)
+  model_config = model_settings.to_dict()
   checkpointer = checkpoint.Checkpointer(folder, create=False)
   tx = optim.optimizer_from_config(config.optim, config.train.num_steps)
   abstract = jax.eval_shape(lambda rng: state.init_state(model, tx, rng, config.data.crop_size), jax.random.key(0))
@@ -102,16 +103,6 @@ def load_trained(config, workdir: str | pathlib.Path) -> TrainedModel:
                       std=float(normalization["std"]), multiple=models.input_multiple(config.model.name),
                       step=int(restored.step), checkpoint_dir=folder, model_config=model_config,
                       threshold=float(threshold), halo=config.predict.get("halo"))
-
-
-class _Config(dict):
-  """A dict with the `.items()` / `.name` access `state.build_model` uses on a ConfigDict."""
-
-  def __getattr__(self, key):
-    try:
-      return self[key]
-    except KeyError as e:
-      raise AttributeError(key) from e
 
 
 def output_path(config, workdir: pathlib.Path) -> pathlib.Path:

@@ -35,16 +35,20 @@ def convert(model, variables, *, mean: float, std: float, multiple: int, sigmoid
                                      layout="NCHW")
   shape = jax.export.symbolic_shape(f"b, 1, {multiple}*h, {multiple}*w")
   output_name = "probability" if sigmoid else "logits"
-  quiet = logging.getLogger("jax2onnx")
-  level = quiet.level
-  quiet.setLevel(logging.ERROR)  # plugins for libraries this project does not use fail to import, loudly
+  # jax2onnx's plugins for libraries this project does not use fail to import, loudly; onnx_ir warns about shape
+  # constants it leaves untyped. Neither concerns the graph (onnx.checker and the tests check it).
+  quiet = [logging.getLogger(name) for name in ("jax2onnx", "onnx_ir")]
+  levels = [logger.level for logger in quiet]
+  for logger in quiet:
+    logger.setLevel(logging.ERROR)
   try:
     # jax2onnx prints a debug line per convolution.
     with platforms.plain_forms(portable=True), contextlib.redirect_stdout(io.StringIO()):
       proto = to_onnx(forward, [jax.ShapeDtypeStruct(shape, np.float32)], model_name="urisc_jax", opset=OPSET,
                       input_names=[INPUT_NAME], output_names=[output_name])
   finally:
-    quiet.setLevel(level)
+    for logger, level in zip(quiet, levels):
+      logger.setLevel(level)
   _name_dynamic_dimensions(proto, multiple)
   for key, value in dict(metadata).items():
     entry = proto.metadata_props.add()
