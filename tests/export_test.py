@@ -151,6 +151,13 @@ def test_onnx_matches_jax_on_synthetic_images_of_two_sizes(onnx_model, trained):
     _assert_close(onnx_graph.run(path, x), _jax_logits(trained, x))
 
 
+def test_onnx_with_sigmoid_gives_probabilities(run, trained, tmp_path):
+  summary = _export(run, "onnx", tmp_path / "probability.onnx", sigmoid=True)
+  assert summary["output"].startswith("probability ")
+  x = _batch(_synthetic(64, 64, 11))
+  _assert_close(onnx_graph.run(tmp_path / "probability.onnx", x), _jax_logits(trained, x, sigmoid=True))
+
+
 def test_onnx_matches_jax_on_a_real_isbi_slice(onnx_model, trained, shared_dir):
   slice_ = np.asarray(Image.open(shared_dir / "data" / "isbi2012" / "train" / "images" / "00.png").convert("L"))
   x = _batch(slice_)

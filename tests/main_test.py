@@ -173,3 +173,14 @@ def test_attribute_mode_writes_statistics_with_completeness_gaps(tiny_run):
   assert entries and all("completeness_gap" in e and "completeness_gap_rel" in e for e in entries)
   assert (tiny_run / "attribution" / "stats.json").exists()
   assert list((tiny_run / "attribution").glob("figure8_*.png"))
+
+
+def test_export_mode_writes_the_best_checkpoint_as_a_state_dict(tiny_run, tmp_path):
+  from urisc_jax.models import torch_import  # pylint: disable=g-import-not-at-top
+  output = tmp_path / "model.pt"
+  result = _main(tiny_run, "--mode=export", "--config.export.format=torch", f"--config.export.output={output}")
+  summary = json.loads(result.stdout)
+  best = json.loads((tiny_run / "metrics.json").read_text())["train"]["best"]
+  assert summary["step"] == best["step"] and summary["checkpoint"].endswith("checkpoints_best")
+  assert summary["layout"] == "segmentation_models_pytorch" and summary["bytes"] == output.stat().st_size
+  assert "decoder.blocks.0.conv1.0.weight" in torch_import.read_checkpoint(output)

@@ -33,8 +33,6 @@ CITATION = ("Shi R, Wang W, Li Z, He L, Sheng K, Ma L, Du K, Jiang T and Huang T
             "Frontiers in Computational Neuroscience 16:842760.")
 CITATION_DOI = "10.3389/fncom.2022.842760"
 INPUT_ID, OUTPUT_ID = "raw", "membrane"
-# smp classes and their kwargs for the published widths (decoder defaults are smp's own).
-_SMP_KWARGS = {"unet": {}, "linknet": {}}
 PYTORCH_VERSION = "2.13.0"  # the torch the strict state-dict load was checked with (tests/export_test.py)
 
 
