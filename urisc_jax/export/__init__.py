@@ -64,8 +64,12 @@ def checkpoint_folder(workdir: pathlib.Path, which: str) -> pathlib.Path:
   train.eval_every=0 and no validation split), workdir/checkpoints for 'latest', else the folder named."""
   if which == "best":
     best = workdir / "checkpoints_best"
-    if best.is_dir() and checkpoint.Checkpointer(best, create=False).latest_step() is not None:
-      return best
+    if best.is_dir():
+      checkpointer = checkpoint.Checkpointer(best, create=False)
+      step = checkpointer.latest_step()
+      checkpointer.close()
+      if step is not None:
+        return best
     logging.warning("no best checkpoint in %s (train.eval_every=0 or no validation images?); exporting the latest "
                     "one of %s", best, workdir / "checkpoints")
     return workdir / "checkpoints"
@@ -96,7 +100,10 @@ def load_trained(config, workdir: str | pathlib.Path) -> TrainedModel:
   variables = jax.tree.map(lambda v: np.asarray(v, np.float32),
                            {"params": restored.state.params, "batch_stats": restored.state.batch_stats})
   normalization = restored.meta.get("normalization") or {"mean": config.data.mean, "std": config.data.std}
-  threshold = restored.meta.get("threshold")
+  # config.predict.threshold if set, else the one chosen with the best state, else threshold.json's for this step.
+  threshold = config.predict.threshold
+  if threshold is None:
+    threshold = restored.meta.get("threshold")
   if threshold is None:
     threshold = predict.decision_threshold(config, workdir, restored.step)
   return TrainedModel(name=config.model.name, model=model, variables=variables, mean=float(normalization["mean"]),
