@@ -153,7 +153,7 @@ def test_onnx_matches_jax_on_synthetic_images_of_two_sizes(onnx_model, trained):
 
 def test_onnx_with_sigmoid_gives_probabilities(run, trained, tmp_path):
   summary = _export(run, "onnx", tmp_path / "probability.onnx", sigmoid=True)
-  assert summary["output"].startswith("probability ")
+  assert summary["output_tensor"].startswith("probability ") and summary["output"].endswith("probability.onnx")
   x = _batch(_synthetic(64, 64, 11))
   _assert_close(onnx_graph.run(tmp_path / "probability.onnx", x), _jax_logits(trained, x, sigmoid=True))
 

@@ -155,8 +155,8 @@ def write(trained: TrainedModel, fmt: str, path: str | pathlib.Path, *, sigmoid:
     proto = onnx_graph.convert(trained.model, trained.variables, mean=trained.mean, std=trained.std,
                                multiple=trained.multiple, sigmoid=sigmoid, metadata=describe(trained, sigmoid=sigmoid))
     summary.update(bytes=onnx_graph.save(proto, path), opset=onnx_graph.OPSET,
-                   input="image float32 [batch, 1, height, width], gray in [0, 1]",
-                   output=f"{proto.graph.output[0].name} float32 [batch, 1, height, width]")
+                   input_tensor="image float32 [batch, 1, height, width], gray in [0, 1]",
+                   output_tensor=f"{proto.graph.output[0].name} float32 [batch, 1, height, width]")
   elif fmt == "torch":
     from urisc_jax.export import torch_state  # pylint: disable=g-import-not-at-top
     tensors = torch_state.state_dict(trained.variables)
@@ -170,7 +170,7 @@ def write(trained: TrainedModel, fmt: str, path: str | pathlib.Path, *, sigmoid:
     exported = stablehlo.export_module(trained.model, trained.variables, mean=trained.mean, std=trained.std,
                                        multiple=trained.multiple, sigmoid=sigmoid)
     summary.update(bytes=stablehlo.save(exported, path), platforms=list(exported.platforms),
-                   input=f"float32 {exported.in_avals[0].shape}, gray in [0, 1]")
+                   input_tensor=f"float32 {exported.in_avals[0].shape}, gray in [0, 1]")
   elif fmt == "bioimageio":
     from urisc_jax.export import bioimageio_package  # pylint: disable=g-import-not-at-top
     if sample is None:
