@@ -26,6 +26,10 @@ gradients, and lowers every model for "cuda" and "tpu" to check that only plain 
 `per_backend` uses `jax.lax.platform_dependent`, so the choice follows the platform the program is lowered for, not
 the machine that traces it: `jax.jit(f).trace(x).lower(lowering_platforms=("cuda",))` on a CPU-only machine shows
 what a GPU compiles.
+
+Exports (`urisc_jax.export`) leave JAX or XLA's platform switch behind, so they trace inside `plain_forms()`: every
+`per_backend` operation takes its accelerator form directly; `plain_forms(portable=True)` (ONNX) also restates the
+transposed convolutions, max pools and CASENet's bilinear upsampling in forms that ONNX converters map one to one.
 """
 
 import contextlib
