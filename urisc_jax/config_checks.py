@@ -27,6 +27,7 @@ ON_ERROR_CHOICES = ("stop", "skip")
 GT_MODES = ("official", "binarized")
 MEMBRANE_CHOICES = ("black", "white")
 BLEND_CHOICES = ("gaussian", "constant")
+VOLUME_DTYPES = ("uint8", "float16")
 SMALLEST_WIDTH = 1 / 64  # the 64-channel stem keeps at least one channel
 
 
@@ -82,6 +83,25 @@ class _Problems:
     except (ValueError, TypeError, KeyError) as e:
       self.lines.append(f"{what}: {e}")
       return None
+
+
+def _volume_checks(problems: _Problems) -> None:
+  """config.predict.volume and config.predict.dask (read only when the input is a chunked volume, but checked always:
+  a bad value should not wait for the first volume)."""
+  chunk = problems.integer("predict.volume.chunk", 1)
+  block = problems.integer("predict.volume.block", 1)
+  levels = problems.integer("predict.volume.levels", 1)
+  problems.choice("predict.volume.dtype", VOLUME_DTYPES)
+  problems.integer("predict.dask.workers", 0)
+  problems.integer("predict.dask.retries", 0)
+  problems.require("predict.dask.address", lambda v: isinstance(v, str), "a string (\"\" = a local cluster)")
+  if chunk and block and block % chunk:
+    problems.lines.append(f"config.predict.volume.block={block}: must be a multiple of config.predict.volume.chunk="
+                          f"{chunk}, so that no two blocks write one chunk")
+  if chunk and levels and chunk % 2 ** (levels - 1):
+    problems.lines.append(f"config.predict.volume.chunk={chunk}: must be a multiple of 2^(levels - 1) = "
+                          f"{2 ** (levels - 1)} (config.predict.volume.levels={levels}), so that every pyramid level "
+                          "keeps whole chunks")
 
 
 def validate(config, mode: str) -> None:
@@ -168,6 +188,8 @@ def validate(config, mode: str) -> None:
     problems.choice("predict.on_error", ON_ERROR_CHOICES)
     problems.require("predict.threshold", lambda v: v is None or (_is_number(v) and 0 < v < 1),
                      "unset (chosen on validation images) or a probability in (0, 1)")
+    if mode == "predict" and "volume" in config.predict:
+      _volume_checks(problems)
 
   if "eval" in sections:
     problems.choice("eval.gt_mode", GT_MODES)
