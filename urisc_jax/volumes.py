@@ -52,14 +52,12 @@ class InputVolume:
     ndim: 2 or 3, as stored (after leading size-1 axes are dropped).
     scale: pixel size per axis of `shape` (z, y, x); 1.0 where unknown.
     units: unit per axis of `shape` ("" where unknown).
-    drop: leading size-1 axes of the stored array that were dropped.
   """
   spec: dict
   shape: tuple[int, int, int]
   ndim: int
   scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
   units: tuple[str, str, str] = ("", "", "")
-  drop: int = 0
 
 
 def is_volume_input(text: str) -> bool:
@@ -149,29 +147,40 @@ def _ome_scale(multiscales: list | None, ndim: int) -> tuple[list[float], list[s
 
 
 def open_input(text: str) -> InputVolume:
-  """Opens --config.predict.input as an InputVolume (shape checked, metadata read); see the module docstring."""
+  """Opens --config.predict.input as an InputVolume (shape checked, metadata read); see the module docstring.
+
+  The recorded spec is that of the view predicted: leading size-1 axes dropped, a precomputed volume's
+  [x, y, z, channel] turned into [z, y, x], and the origin moved to 0 (so block coordinates start at 0).
+  """
   spec, multiscales = input_spec(text)
   store = _open(spec, read=True)
   if store.dtype != ts.uint8:
     raise VolumeError(f"the input volume {text} holds {store.dtype.name}, not 8-bit gray (uint8): convert it to "
                       "uint8 (e.g. scale 0..max to 0..255), as for image files.")
+  if spec.get("driver") == "neuroglancer_precomputed" or store.spec().to_json().get("driver") == \
+      "neuroglancer_precomputed":
+    if store.shape[-1] != 1:
+      raise VolumeError(f"the precomputed volume {text} has {store.shape[-1]} channels; expected 1 (gray).")
+    store = store[..., 0].T  # [x, y, z, c] -> [z, y, x]
   shape = tuple(int(n) for n in store.shape)
+  scale, units = _ome_scale(multiscales, len(shape))
   drop = 0
   while len(shape) - drop > 3:
     if shape[drop] != 1:
       raise VolumeError(f"the input volume {text} has shape {shape}: expected [H, W] or [Z, H, W] (leading axes "
                         "of size 1 are dropped); select one channel/time point with a TensorStore spec transform.")
     drop += 1
-  kept = shape[drop:]
-  if len(kept) not in (2, 3):
+  if len(shape) - drop not in (2, 3):
     raise VolumeError(f"the input volume {text} has shape {shape}: expected a 2-D image [H, W] or a 3-D stack "
                       "[Z, H, W].")
-  scale, units = _ome_scale(multiscales, len(shape))
-  scale, units = scale[drop:], units[drop:]
+  store = store.translate_to[0]
+  if drop:
+    store = store[(0,) * drop]
+  kept, scale, units = shape[drop:], scale[drop:], units[drop:]
   if len(kept) == 2:
     kept, scale, units = (1, *kept), [1.0, *scale], ["", *units]
   return InputVolume(spec=store.spec().to_json(), shape=tuple(kept), ndim=len(shape) - drop,
-                     scale=tuple(scale), units=tuple(units), drop=drop)
+                     scale=tuple(scale), units=tuple(units))
 
 
 def _open(spec: dict, **kwargs) -> ts.TensorStore:
@@ -187,8 +196,7 @@ class SectionReader:
 
   def __init__(self, volume: InputVolume):
     self.volume = volume
-    store = _open(volume.spec, read=True)
-    self._store = store[(0,) * volume.drop] if volume.drop else store
+    self._store = _open(volume.spec, read=True)
 
   def read(self, z: int, rows: slice, cols: slice) -> np.ndarray:
     """uint8 [rows, cols] of section z."""
