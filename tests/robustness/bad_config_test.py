@@ -52,7 +52,7 @@ CASES = [
     ("predict", {"predict.batch_size": 0}, "config.predict.batch_size=0: must be an integer >= 1"),
     ("predict", {"predict.volume.block": 1000}, "config.predict.volume.block=1000: must be a multiple of"),
     ("predict", {"predict.volume.chunk": 0}, "config.predict.volume.chunk=0: must be an integer >= 1"),
-    ("predict", {"predict.volume.chunk": 100}, "config.predict.volume.chunk=100: must be a multiple of 2^(levels - 1)"),
+    ("predict", {"predict.volume.chunk": 254}, "config.predict.volume.chunk=254: must be a multiple of 2^(levels - 1)"),
     ("predict", {"predict.volume.levels": 0}, "config.predict.volume.levels=0: must be an integer >= 1"),
     ("predict", {"predict.volume.dtype": "float32"}, "config.predict.volume.dtype='float32': must be one of 'uint8'"),
     ("predict", {"predict.dask.workers": -1}, "config.predict.dask.workers=-1: must be an integer >= 0"),
