@@ -178,6 +178,8 @@ def default_workers() -> int:
 def dask_client(address: str = "", workers: int = 0):
   """A distributed.Client: of the cluster at `address`, or of a LocalCluster of `workers` processes (0 = auto)."""
   from distributed import Client, LocalCluster  # pylint: disable=g-import-not-at-top
+  # The scheduler and nannies log every worker's start and stop at INFO; keep the console to progress and problems.
+  logging.getLogger("distributed").setLevel(logging.WARNING)
   if address:
     try:
       client = Client(address, timeout="30s")
@@ -187,8 +189,12 @@ def dask_client(address: str = "", workers: int = 0):
     with client:
       yield client
     return
-  with LocalCluster(n_workers=workers or default_workers(), threads_per_worker=1, processes=True,
-                    env=worker_env(), dashboard_address=None) as cluster, Client(cluster) as client:
+  import dask  # pylint: disable=g-import-not-at-top
+  # Set before each worker process starts (its logging is configured when it imports distributed).
+  quiet = {"distributed.nanny.pre-spawn-environ.DASK_LOGGING__DISTRIBUTED": "warning"}
+  with dask.config.set(quiet), LocalCluster(n_workers=workers or default_workers(), threads_per_worker=1,
+                                            processes=True, env=worker_env(), dashboard_address=None) as cluster, \
+      Client(cluster) as client:
     yield client
 
 
@@ -264,10 +270,10 @@ def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dic
   if not todo:
     return _finish(summary, None)
   host_variables = jax.device_get(variables)
-  start = time.perf_counter()
   with contextlib.ExitStack() as stack:
     if client is None:
       client = stack.enter_context(dask_client(pc.dask.address, pc.dask.workers))
+    start = time.perf_counter()  # from the first block submitted (each worker's compile included)
     summary["workers"] = len(client.scheduler_info(n_workers=-1)["workers"])
     client.run(peak_rss_bytes, reset=True)
     weights = client.scatter(host_variables, broadcast=True, hash=False)
