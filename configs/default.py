@@ -190,7 +190,7 @@ def get_config() -> ml_collections.ConfigDict:
   # output's chunk x chunk chunks, written to the OME-Zarr predict.output with `levels` pyramid levels; the
   # probability as uint8 (p x 255) or float16 (urisc_jax/volumes.py, blockwise.py, volume_predict.py).
   config.predict.volume = ml_collections.ConfigDict()
-  config.predict.volume.block = 2048
+  config.predict.volume.block = 4096
   config.predict.volume.chunk = 512
   config.predict.volume.levels = 3
   config.predict.volume.dtype = "uint8"
