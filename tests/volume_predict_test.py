@@ -76,11 +76,12 @@ def run(tmp_path_factory):
 
 
 def _wait_until_idle(client, timeout: float = 60.0) -> None:
-  """Waits until no worker is still running a block (a cancelled task's thread runs on to its end)."""
+  """Waits until no worker is still running or writing a block (a cancelled task's thread runs on to its end)."""
   deadline = time.monotonic() + timeout
   while any(client.run(lambda dask_worker: len(dask_worker.state.executing)).values()):
     assert time.monotonic() < deadline, "workers still busy"
     time.sleep(0.2)
+  client.run(volume_predict.flush_writes)  # and the last block's write on each worker
 
 
 def _reference(forward, image: np.ndarray, config) -> tuple[np.ndarray, np.ndarray]:

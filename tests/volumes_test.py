@@ -153,8 +153,16 @@ def test_downsampling_against_explicit_sums():
   a = np.arange(15, dtype=np.uint8).reshape(3, 5)
   mean = volumes.downsample(a, "mean")
   assert mean.shape == (2, 3)
-  # Top-left quad 0, 1, 5, 6 -> 3; the odd edge repeats itself: quad (10, 11, 10, 11) -> 10.5 -> 10 (round half even).
-  assert mean[0, 0] == 3 and mean[1, 0] == np.round(10.5)
+  # Top-left quad 0, 1, 5, 6 -> 3; the odd edge repeats itself: quad (10, 11, 10, 11) -> 10.5 -> 11 (half up).
+  assert mean[0, 0] == 3 and mean[1, 0] == 11
+  rng = np.random.default_rng(0)
+  big = rng.integers(0, 256, (2, 9, 12), dtype=np.uint8)  # against the float mean, rounded half up
+  reference = np.floor(np.pad(big, [(0, 0), (0, 1), (0, 0)], mode="edge").astype(np.float64)
+                       .reshape(2, 5, 2, 6, 2).mean(axis=(2, 4)) + 0.5)
+  np.testing.assert_array_equal(volumes.downsample(big, "mean"), reference)
+  floats = rng.random((4, 6)).astype(np.float16)
+  np.testing.assert_allclose(volumes.downsample(floats, "mean"),
+                             floats.astype(np.float32).reshape(2, 2, 3, 2).mean(axis=(1, 3)), rtol=1e-3)
   np.testing.assert_array_equal(volumes.downsample(a, "max"), [[6, 8, 9], [11, 13, 14]])
   probability = np.array([[0.0, 1.0], [0.5, 0.5]], np.float32)
   np.testing.assert_array_equal(volumes.quantize_probability(probability, "uint8"), [[0, 255], [128, 128]])

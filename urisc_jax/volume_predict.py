@@ -17,8 +17,10 @@ On the CPU each worker runs XLA single-threaded (`worker_env`): N workers on N c
 instead of fighting over the same cores.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -96,21 +98,62 @@ def _worker_state(job: VolumeJob, variables) -> dict:
       import ml_collections  # pylint: disable=g-import-not-at-top
 
       from urisc_jax import inference, state  # pylint: disable=g-import-not-at-top
-      _STATE.clear()  # one run at a time per worker: drop the previous run's model
+      for previous in _STATE.values():  # one run at a time per worker: finish and drop the previous run's model
+        with contextlib.suppress(Exception):
+          _wait_for_pending_write(previous)
+        previous["write_thread"].shutdown()
+      _STATE.clear()
       model = state.build_model(ml_collections.ConfigDict(job.model))
       device = _worker_device()
       bound = jax.device_put(variables, device)
       forward = inference.make_tile_forward(model, bound, mean=job.mean, std=job.std, tta=job.predict["tta"])
       _STATE[job.key] = {"forward": lambda tiles: forward(jax.device_put(tiles, device)),
-                         "reader": volumes.SectionReader(job.volume), "writer": volumes.OutputWriter(job.out)}
+                         "reader": volumes.SectionReader(job.volume), "writer": volumes.OutputWriter(job.out),
+                         "write_thread": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="block-write"),
+                         "pending": None, "write_busy_s": 0.0}
     return _STATE[job.key]
 
 
+def _write_block(state: dict, out: volumes.OutputVolume, key: str, z: int, block: blockwise.Block,
+                 stored: np.ndarray, mask: np.ndarray) -> None:
+  """Writes a block's chunks (every level), then its marker: the marker exists only once the data is durable."""
+  start = time.perf_counter()
+  state["writer"].write(z, block.top, block.left, stored, mask)
+  outputs.write_text(marker_path(out.path, z, block), json.dumps({"z": z, **dataclasses.asdict(block),
+                                                                  "run": key}) + "\n")
+  state["write_busy_s"] += time.perf_counter() - start
+
+
+def _wait_for_pending_write(state: dict) -> None:
+  """Waits for the previous block's write; its error (if any) is raised here, failing this task (Dask retries it),
+  and the block it belonged to is left without a marker, which the driver's final check catches."""
+  pending, state["pending"] = state["pending"], None
+  if pending is not None:
+    pending.result()
+
+
+def flush_writes() -> dict:
+  """On a worker: waits for its last block's write. Returns {"errors": [...], "write_busy_s": seconds the writer
+  thread spent writing since the last flush}."""
+  errors, busy = [], 0.0
+  with _STATE_LOCK:
+    for state in _STATE.values():
+      try:
+        _wait_for_pending_write(state)
+      except Exception as e:  # pylint: disable=broad-except  # reported to the driver, which redoes the block
+        errors.append(repr(e))
+      busy += state["write_busy_s"]
+      state["write_busy_s"] = 0.0
+  return {"errors": errors, "write_busy_s": busy}
+
+
 def run_block(job: VolumeJob, variables, z: int, block: blockwise.Block) -> dict:
-  """Computes one block of section z, writes it (every pyramid level) and its marker; returns its timings.
+  """Computes one block of section z and hands it to this worker's writer thread (every pyramid level, then the
+  marker); returns its timings. `flush_writes` waits for the last write.
 
   Returns:
-    {"z", "top", "left", "pixels", "read_s", "compute_s", "write_s", "worker_pid"}.
+    {"z", "top", "left", "pixels", "read_s", "compute_s", "write_s" (time blocked on the previous block's write),
+    "worker_pid"}.
   """
   marker = marker_path(job.out.path, z, block)
   if marker.exists():  # finished by an earlier attempt of this task (e.g. on a worker since lost)
@@ -133,9 +176,11 @@ def run_block(job: VolumeJob, variables, z: int, block: blockwise.Block) -> dict
   mask = (probability >= np.float32(job.threshold)).astype(np.uint8)
   stored = volumes.quantize_probability(probability, job.out.dtype)
   compute_s = time.perf_counter() - start - read_s
+  # The write (compression, pyramid, marker) runs on this worker's writer thread while the next block computes;
+  # this task waits only for the previous block's write (at most one block in flight: bounded memory).
   t = time.perf_counter()
-  state["writer"].write(z, block.top, block.left, stored, mask)
-  outputs.write_text(marker, json.dumps({"z": z, **dataclasses.asdict(block), "run": job.key}) + "\n")
+  _wait_for_pending_write(state)
+  state["pending"] = state["write_thread"].submit(_write_block, state, job.out, job.key, z, block, stored, mask)
   write_s = time.perf_counter() - t
   return {"z": z, "top": block.top, "left": block.left, "pixels": int(np.prod(block.shape)), "read_s": read_s,
           "compute_s": compute_s, "write_s": write_s, "worker_pid": os.getpid()}
@@ -266,7 +311,7 @@ def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dic
   todo = [(z, b) for z, b in work if not marker_path(out_path, z, b).exists()]
   summary = {"output": str(out_path), "shape": list(volume.shape), "blocks": len(work),
              "skipped": len(work) - len(todo), "computed": 0, "pixels": 0, "seconds": 0.0, "read_s": 0.0,
-             "compute_s": 0.0, "write_s": 0.0, "threshold": float(threshold), "step": step}
+             "compute_s": 0.0, "write_s": 0.0, "redone": 0, "threshold": float(threshold), "step": step}
   if not todo:
     return _finish(summary, None)
   host_variables = jax.device_get(variables)
@@ -277,21 +322,36 @@ def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dic
     summary["workers"] = len(client.scheduler_info(n_workers=-1)["workers"])
     client.run(peak_rss_bytes, reset=True)
     weights = client.scatter(host_variables, broadcast=True, hash=False)
-    futures = [client.submit(run_block, job, weights, z, b, key=f"block-{z}-{b.top}-{b.left}-{job.key}",
-                             retries=pc.dask.retries, pure=False) for z, b in todo]
     from distributed import as_completed  # pylint: disable=g-import-not-at-top
-    try:
-      with tqdm(total=len(work), initial=summary["skipped"], desc="volume", unit="block") as bar:
-        for future in as_completed(futures):
-          timings = future.result()
-          summary["computed"] += 1
-          for key in ("pixels", "read_s", "compute_s", "write_s"):
-            summary[key] += timings[key]
-          bar.update(1)
-          if on_block is not None:
-            on_block(summary["computed"], timings)
-    finally:  # a driver that stops (an error, Ctrl-C) takes its unfinished blocks off a cluster that outlives it
-      client.cancel([f for f in futures if not f.done()])
+    summary["write_busy_s"] = 0.0
+    submit = functools.partial(client.submit, run_block, job, weights, retries=pc.dask.retries, pure=False)
+    rounds = 0
+    with tqdm(total=len(work), initial=summary["skipped"], desc="volume", unit="block") as bar:
+      while todo:
+        futures = [submit(z, b, key=f"block-{z}-{b.top}-{b.left}-{job.key}-{rounds}") for z, b in todo]
+        try:
+          for future in as_completed(futures):
+            timings = future.result()
+            summary["computed"] += rounds == 0
+            for key in ("pixels", "read_s", "compute_s", "write_s"):
+              summary[key] += timings[key]
+            bar.update(rounds == 0)
+            if on_block is not None:
+              on_block(summary["computed"], timings)
+        finally:
+          # A driver that stops (an error, Ctrl-C) takes its unfinished blocks off a cluster that outlives it; the
+          # finished ones are released too, so that a lost worker's results are not computed again behind our back.
+          client.cancel(futures)
+        flushed = client.run(flush_writes)
+        summary["write_busy_s"] += sum(f["write_busy_s"] for f in flushed.values())
+        errors = [e for f in flushed.values() for e in f["errors"]]
+        # A block whose write failed, or whose worker was lost with the write in flight, has no marker: redo it.
+        todo = [(z, b) for z, b in todo if not marker_path(out_path, z, b).exists()]
+        rounds += 1
+        if todo and rounds > pc.dask.retries:
+          raise VolumeError(f"{len(todo)} blocks of {out_path} were not written after {rounds} rounds (first: "
+                            f"section {todo[0][0]}, {todo[0][1]}; writer errors: {errors[:3]}); rerun to finish them.")
+        summary["redone"] += len(todo)
     summary["seconds"] = time.perf_counter() - start
     summary["worker_peak_rss_gib"] = max(client.run(peak_rss_bytes).values()) / 2**30
   logging.info("volume %s: %d blocks computed, %d skipped", out_path, summary["computed"], summary["skipped"])

@@ -298,18 +298,28 @@ def create_output(path, volume: InputVolume, *, chunk: int, levels: int, dtype: 
 def downsample(array: np.ndarray, how: str) -> np.ndarray:
   """2 x 2 reduction of the last two axes ('mean' or 'max'); an odd edge is reduced with itself (edge padding).
 
-  Shape [..., H, W] -> [..., ceil(H / 2), ceil(W / 2)]. The mean is computed in float32 and cast back.
+  Shape [..., H, W] -> [..., ceil(H / 2), ceil(W / 2)]. Integer means round half up, (a + b + c + d + 2) // 4, in
+  integer arithmetic; float means are computed in float32 and cast back. Four strided views, no float copy of an
+  integer block: this runs once per block and level on the workers.
   """
   h, w = array.shape[-2:]
   pad = [(0, 0)] * (array.ndim - 2) + [(0, h % 2), (0, w % 2)]
-  padded = np.pad(array, pad, mode="edge") if h % 2 or w % 2 else array
-  quads = padded.reshape(*padded.shape[:-2], padded.shape[-2] // 2, 2, padded.shape[-1] // 2, 2)
+  a = np.pad(array, pad, mode="edge") if h % 2 or w % 2 else array
+  quads = (a[..., 0::2, 0::2], a[..., 0::2, 1::2], a[..., 1::2, 0::2], a[..., 1::2, 1::2])
   if how == "max":
-    return quads.max(axis=(-3, -1))
-  mean = quads.astype(np.float32).mean(axis=(-3, -1))
+    return np.maximum(np.maximum(quads[0], quads[1]), np.maximum(quads[2], quads[3]))
   if np.issubdtype(array.dtype, np.integer):
-    return np.round(mean).astype(array.dtype)
-  return mean.astype(array.dtype)
+    total = quads[0].astype(np.int32)
+    for q in quads[1:]:
+      total += q
+    total += 2
+    total //= 4
+    return total.astype(array.dtype)
+  total = quads[0].astype(np.float32)
+  for q in quads[1:]:
+    total += q
+  total *= np.float32(0.25)
+  return total.astype(array.dtype)
 
 
 def quantize_probability(probability: np.ndarray, dtype: str) -> np.ndarray:
