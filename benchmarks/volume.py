@@ -11,8 +11,10 @@ object per line on stdout:
 
   {"bench": "volume", "metric": "mpix_per_s", "workers": N, ...}   blockwise, LocalCluster of N worker processes,
       each single-threaded XLA; timed from the first block submitted to the last done (each worker's compile
-      included); with io_share (read + write time over read + compute + write, summed over blocks) and
-      worker_peak_rss_gib (the largest worker's VmHWM)
+      included); with io_share (time blocks spent blocked on reading their input and on the previous block's
+      write, over read + compute + write, summed over blocks: writes run on each worker's writer thread while the
+      next block computes), worker_peak_rss_gib (the largest worker's VmHWM) and the machine's load average
+      before and after (N workers only scale on N idle cores)
   {"bench": "volume", "metric": "mpix_per_s", "mode": "in_memory", ...}   `predict.probabilities` section by
       section in this process (XLA's default threads), each section read whole into memory first; peak RSS of
       this process
@@ -20,6 +22,7 @@ object per line on stdout:
 """
 
 import argparse
+import os
 import pathlib
 import resource
 import shutil
@@ -120,26 +123,31 @@ def main():
     config.predict.tile, config.predict.halo = args.tile, args.halo
     config.predict.volume.block, config.predict.volume.chunk = args.block, args.chunk
     params = {"shape": list(shape), "model": f"linknet_resnet18_w{args.model_width:g}", "tile": args.tile,
-              "halo": args.halo, "block": args.block, "chunk": args.chunk}
+              "halo": args.halo, "block": args.block, "chunk": args.chunk, "cpu_count": os.cpu_count()}
     rates = {}
     for workers in (int(n) for n in args.workers.split(",")):
       config.predict.output = str(root / f"out{workers}.zarr")
       with volume_predict.dask_client(workers=workers) as client:
+        load_before = os.getloadavg()[0]
         summary = volume_predict.predict_volume(config, root / "run", client=client)
       rates[workers] = summary["mpix_per_s"]
       emit({"bench": "volume", "metric": "mpix_per_s", "value": summary["mpix_per_s"], "unit": "Mpix/s",
             "workers": workers, "seconds": summary["seconds"], "io_share": summary["io_share"],
             "read_s": summary["read_s"], "compute_s": summary["compute_s"], "write_s": summary["write_s"],
-            "worker_peak_rss_gib": summary["worker_peak_rss_gib"], "blocks": summary["blocks"], **params})
+            "worker_peak_rss_gib": summary["worker_peak_rss_gib"], "blocks": summary["blocks"],
+            # The machine's 1-minute load before and after: on shared cores, N workers get fewer than N cores.
+            "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0], **params})
       shutil.rmtree(root / f"out{workers}.zarr")
     if 1 in rates and 2 in rates:
       emit({"bench": "volume", "metric": "speedup", "value": rates[2] / rates[1], "unit": "x", "workers": "2/1",
             **params})
     if not args.no_in_memory:
+      load_before = os.getloadavg()[0]
       result = in_memory(config, root / "run", root / "in.zarr")
       emit({"bench": "volume", "metric": "mpix_per_s", "value": result["mpix_per_s"], "unit": "Mpix/s",
             "mode": "in_memory", "seconds": result["seconds"], "read_share": result["read_share"],
-            "peak_rss_gib": result["peak_rss_gib"], **params})
+            "peak_rss_gib": result["peak_rss_gib"], "load_avg_before": load_before,
+            "load_avg_after": os.getloadavg()[0], **params})
   finally:
     shutil.rmtree(root, ignore_errors=True)
 

@@ -167,3 +167,16 @@ def test_downsampling_against_explicit_sums():
   probability = np.array([[0.0, 1.0], [0.5, 0.5]], np.float32)
   np.testing.assert_array_equal(volumes.quantize_probability(probability, "uint8"), [[0, 255], [128, 128]])
   assert volumes.quantize_probability(probability, "float16").dtype == np.float16
+
+
+def test_main_refuses_a_missing_volume_with_exit_status_2(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, "-m", "urisc_jax.main", "--config=configs/default.py",
+                        f"--workdir={tmp_path / 'run'}", "--mode=predict",
+                        f"--config.predict.input={tmp_path / 'missing.zarr'}",
+                        f"--config.predict.output={tmp_path / 'out.zarr'}"],
+                       cwd=repo, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "missing.zarr does not exist" in out.stderr and not (tmp_path / "out.zarr").exists()

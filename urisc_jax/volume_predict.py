@@ -6,9 +6,10 @@
 Every (section, block) pair of `blockwise.block_grid` is one task (`run_block`). A worker builds and compiles the
 model the first time it meets a run and keeps it for every later block of that run (`_worker_state`); the weights
 travel once per worker (scattered, broadcast). Blocks write whole chunks of OUT.zarr (see `volumes`), then a marker
-OUT.zarr/.blocks/<z>-<top>-<left>; a rerun skips blocks whose marker exists, so a run stopped at any point
-finishes by computing only what is missing, and a block cut off between its write and its marker is simply
-computed again (same values). A worker lost mid-run loses only the blocks it held: the scheduler hands them to
+OUT.zarr/.blocks/<z>-<top>-<left>, on the worker's writer thread while its next block computes; the driver waits
+for the writers at the end and redoes any block left without a marker. A rerun skips blocks whose marker exists, so
+a run stopped at any point finishes by computing only what is missing, and a block cut off between its write and
+its marker is simply computed again (same values). A worker lost mid-run loses only the blocks it held: the scheduler hands them to
 another worker (`distributed.scheduler.allowed-failures` times), and a block that raises is retried
 `config.predict.dask.retries` times. OUT.zarr/.blocks/run.json records what the blocks were computed with; a rerun
 with other settings, model step or input is refused rather than mixed in.
@@ -33,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
-from urisc_jax import blockwise, outputs, volumes
+from urisc_jax import blockwise, inference, outputs, volumes
 from urisc_jax.volumes import VolumeError
 
 MARKERS = ".blocks"
@@ -97,7 +98,7 @@ def _worker_state(job: VolumeJob, variables) -> dict:
       import jax  # pylint: disable=g-import-not-at-top
       import ml_collections  # pylint: disable=g-import-not-at-top
 
-      from urisc_jax import inference, state  # pylint: disable=g-import-not-at-top
+      from urisc_jax import state  # pylint: disable=g-import-not-at-top
       for previous in _STATE.values():  # one run at a time per worker: finish and drop the previous run's model
         with contextlib.suppress(Exception):
           _wait_for_pending_write(previous)
@@ -171,7 +172,6 @@ def run_block(job: VolumeJob, variables, z: int, block: blockwise.Block) -> dict
 
   start = time.perf_counter()
   logits = blockwise.predict_block_logits(state["forward"], read, job.plan, block)
-  from urisc_jax import inference  # pylint: disable=g-import-not-at-top
   probability = inference.probabilities(logits, out=logits)
   mask = (probability >= np.float32(job.threshold)).astype(np.uint8)
   stored = volumes.quantize_probability(probability, job.out.dtype)
