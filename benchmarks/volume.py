@@ -13,8 +13,9 @@ object per line on stdout:
       each single-threaded XLA; timed from the first block submitted to the last done (each worker's compile
       included); with io_share (time blocks spent blocked on reading their input and on the previous block's
       write, over read + compute + write, summed over blocks: writes run on each worker's writer thread while the
-      next block computes), worker_peak_rss_gib (the largest worker's VmHWM) and the machine's load average
-      before and after (N workers only scale on N idle cores)
+      next block computes), worker_peak_rss_gib (the largest worker's VmHWM), worker_cores_used (worker CPU
+      seconds over wall seconds) and the machine's load average before and after (N workers only scale on N idle
+      cores)
   {"bench": "volume", "metric": "mpix_per_s", "mode": "in_memory", ...}   `predict.probabilities` section by
       section in this process (XLA's default threads), each section read whole into memory first; peak RSS of
       this process
@@ -135,6 +136,8 @@ def main():
             "workers": workers, "seconds": summary["seconds"], "io_share": summary["io_share"],
             "read_s": summary["read_s"], "compute_s": summary["compute_s"], "write_s": summary["write_s"],
             "worker_peak_rss_gib": summary["worker_peak_rss_gib"], "blocks": summary["blocks"],
+            # CPU cores the workers really had, on average: worker CPU seconds over wall seconds.
+            "worker_cores_used": summary["worker_cpu_s"] / summary["seconds"],
             # The machine's 1-minute load before and after: on shared cores, N workers get fewer than N cores.
             "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0], **params})
       shutil.rmtree(root / f"out{workers}.zarr")

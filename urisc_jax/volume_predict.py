@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import pathlib
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -186,6 +187,12 @@ def run_block(job: VolumeJob, variables, z: int, block: blockwise.Block) -> dict
           "compute_s": compute_s, "write_s": write_s, "worker_pid": os.getpid()}
 
 
+def cpu_seconds() -> float:
+  """CPU time (user + system) this process and its threads have used."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def peak_rss_bytes(reset: bool = False) -> int:
   """This process's peak resident memory (VmHWM) in bytes; with `reset`, the peak is set back to the current RSS
   afterwards (Linux: /proc/self/clear_refs), so the next call measures from now."""
@@ -321,6 +328,7 @@ def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dic
     start = time.perf_counter()  # from the first block submitted (each worker's compile included)
     summary["workers"] = len(client.scheduler_info(n_workers=-1)["workers"])
     client.run(peak_rss_bytes, reset=True)
+    cpu_before = client.run(cpu_seconds)
     weights = client.scatter(host_variables, broadcast=True, hash=False)
     from distributed import as_completed  # pylint: disable=g-import-not-at-top
     summary["write_busy_s"] = 0.0
@@ -354,6 +362,9 @@ def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dic
         summary["redone"] += len(todo)
     summary["seconds"] = time.perf_counter() - start
     summary["worker_peak_rss_gib"] = max(client.run(peak_rss_bytes).values()) / 2**30
+    # How much CPU the workers got: N workers on N cores that are free use about N x seconds.
+    cpu_after = client.run(cpu_seconds)
+    summary["worker_cpu_s"] = sum(cpu_after[w] - cpu_before.get(w, 0.0) for w in cpu_after)
   logging.info("volume %s: %d blocks computed, %d skipped", out_path, summary["computed"], summary["skipped"])
   return _finish(summary, out_path)
 
