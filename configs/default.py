@@ -39,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   # "synthetic" | "urisc" (a release folder at data.root) | "isbi" (ISBI 2012 stacks or slices at data.root) |
-  # "folders" (data.folders) | "tfds" (a TFDS builder, built from data.root); see urisc_jax/data/dataset.py.
+  # "folders" (data.folders) | "tfds" (a TFDS builder, built from data.root) | "tensorstore" (chunked volumes,
+  # data.tensorstore); see urisc_jax/data/dataset.py.
   config.data.source = "synthetic"
   config.data.root = ""  # "" = workdir/data for synthetic data
   config.data.track = "Track1"
@@ -60,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.folders[f"{split}_images"] = ""
     config.data.folders[f"{split}_labels"] = ""
   # source="tfds": "urisc/track1" | "urisc/track2" | "isbi2012"; data_dir "" = workdir/tfds.
+  # source "tensorstore": per split, an image volume and its label volume (a zarr / N5 / precomputed path, a file://
+  # URL or a TensorStore JSON spec; a 3-D volume's sections are the split's images), read crop by crop.
+  config.data.tensorstore = ml_collections.ConfigDict()
+  for split in ("train", "val", "test"):
+    config.data.tensorstore[split] = ml_collections.ConfigDict({"image": "", "label": ""})
   config.data.tfds = ml_collections.ConfigDict()
   config.data.tfds.name = "isbi2012"
   config.data.tfds.data_dir = ""

@@ -136,6 +136,9 @@ def validate(config, mode: str) -> None:
     if crop and multiple and crop % multiple:
       problems.lines.append(f"config.data.crop_size={crop}: must be a multiple of {multiple}, the input multiple of "
                             f"config.model.name={config.model.name!r} (e.g. {-(-crop // multiple) * multiple})")
+    if config.data.get("source") == "tensorstore":
+      problems.require("data.tensorstore.train.image", lambda v: isinstance(v, str) and v.strip() != "",
+                       "a volume to train from: a zarr / N5 / precomputed path, a file:// URL or a TensorStore spec")
     if config.data.get("source") == "synthetic":
       height = problems.integer("data.synthetic.height", 1)
       width = problems.integer("data.synthetic.width", 1)

@@ -34,6 +34,7 @@ CASES = [
     ("train", {"data.label_threshold": 300}, "config.data.label_threshold=300: must be unset or an integer gray level"),
     ("train", {"data.max_image_pixels": 0}, "config.data.max_image_pixels=0: must be an integer >= 1"),
     ("train", {"data.num_workers": -1}, "config.data.num_workers=-1: must be an integer >= 0"),
+    ("train", {"data.source": "tensorstore"}, "config.data.tensorstore.train.image='': must be a volume to train"),
     ("train", {"data.synthetic.num_train": 0}, "config.data.synthetic.num_train=0: must be an integer >= 1"),
     ("train", {"optim.learning_rate": 0.0}, "config.optim.learning_rate=0.0: must be a positive number"),
     ("train", {"optim.name": "adagrad"}, "Unknown optimizer 'adagrad'"),
