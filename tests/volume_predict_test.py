@@ -147,13 +147,15 @@ def test_a_stopped_run_then_a_lost_worker_finish_by_redoing_only_missing_blocks(
   np.testing.assert_array_equal(volumes.open_level(tmp_path / "out.zarr", labels=True), mask)
 
 
-def test_a_rerun_with_other_settings_is_refused(run, tmp_path):
-  workdir, _, client = run
-  _write_volume(tmp_path / "in.zarr", (1, 256, 256))
+def test_a_2d_image_gives_a_2d_output_and_a_rerun_with_other_settings_is_refused(run, tmp_path):
+  workdir, forward, client = run
+  image = _write_volume(tmp_path / "in.zarr", (300, 280))
   config = _config(tmp_path / "in.zarr", tmp_path / "out.zarr")
   config.predict.volume.block = 256
+  probability, _ = _reference(forward, image[None], config)
   volume_predict.predict_volume(config, workdir, client=client)
-  config.predict.threshold = 0.3
+  np.testing.assert_array_equal(volumes.open_level(tmp_path / "out.zarr"), probability[0])
+  config.predict.threshold = 0.01
   with pytest.raises(volumes.VolumeError, match="differs in: threshold"):
     volume_predict.predict_volume(config, workdir, client=client)
 
