@@ -39,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   # "synthetic" | "urisc" (a release folder at data.root) | "isbi" (ISBI 2012 stacks or slices at data.root) |
-  # "folders" (data.folders) | "tfds" (a TFDS builder, built from data.root); see urisc_jax/data/dataset.py.
+  # "folders" (data.folders) | "tfds" (a TFDS builder, built from data.root) | "tensorstore" (chunked volumes,
+  # data.tensorstore); see urisc_jax/data/dataset.py.
   config.data.source = "synthetic"
   config.data.root = ""  # "" = workdir/data for synthetic data
   config.data.track = "Track1"
@@ -60,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.folders[f"{split}_images"] = ""
     config.data.folders[f"{split}_labels"] = ""
   # source="tfds": "urisc/track1" | "urisc/track2" | "isbi2012"; data_dir "" = workdir/tfds.
+  # source "tensorstore": per split, an image volume and its label volume (a zarr / N5 / precomputed path, a file://
+  # URL or a TensorStore JSON spec; a 3-D volume's sections are the split's images), read crop by crop.
+  config.data.tensorstore = ml_collections.ConfigDict()
+  for split in ("train", "val", "test"):
+    config.data.tensorstore[split] = ml_collections.ConfigDict({"image": "", "label": ""})
   config.data.tfds = ml_collections.ConfigDict()
   config.data.tfds.name = "isbi2012"
   config.data.tfds.data_dir = ""
@@ -184,7 +190,23 @@ def get_config() -> ml_collections.ConfigDict:
   # --mode=predict on a folder: "stop" at the first image that cannot be read or written (naming it), or "skip" it
   # and go on; skipped images are listed in <output>/prediction_errors.json.
   config.predict.on_error = "stop"
-  config.predict.output = ""  # --mode=predict: "" = workdir/predictions
+  config.predict.output = ""  # --mode=predict: "" = workdir/predictions (a volume: workdir/predictions.zarr)
+  # --mode=predict on a chunked volume (predict.input = PATH.zarr, PATH.n5, a precomputed folder or a TensorStore
+  # JSON spec; a 3-D input's first axis is the section): blocks of block x block px of each section, aligned to the
+  # output's chunk x chunk chunks, written to the OME-Zarr predict.output with `levels` pyramid levels; the
+  # probability as uint8 (p x 255) or float16 (urisc_jax/volumes.py, blockwise.py, volume_predict.py).
+  config.predict.volume = ml_collections.ConfigDict()
+  config.predict.volume.block = 4096
+  config.predict.volume.chunk = 512
+  config.predict.volume.levels = 3
+  config.predict.volume.dtype = "uint8"
+  # Blocks are Dask tasks: address "" = a LocalCluster of `workers` processes (0 = one per accelerator, or 2 on the
+  # CPU), else a running scheduler's address, e.g. "tcp://10.0.0.5:8786" (launch/dask_slurm.py starts one on SLURM).
+  # A block that raises is retried `retries` times; a lost worker's blocks go to another worker.
+  config.predict.dask = ml_collections.ConfigDict()
+  config.predict.dask.address = ""
+  config.predict.dask.workers = 0
+  config.predict.dask.retries = 2
 
   config.eval = ml_collections.ConfigDict()
   config.eval.gt_mode = "official"  # "official" (GT as is, like eval.py) or "binarized" (GT <= 122)

@@ -321,3 +321,12 @@ def test_tpu_script_refuses_paths_it_cannot_use_safely(env, message):
   out = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), "tpu", "zone", CONFIG, workdir],
                        env=_env(DRY_RUN="1", **env), capture_output=True, text=True, timeout=10)
   assert out.returncode == 2 and message in out.stderr and out.stdout == ""
+
+
+def test_dask_slurm_dry_run_prints_a_job_of_one_single_threaded_worker():
+  out = subprocess.run([sys.executable, str(LAUNCH / "dask_slurm.py"), f"--config={CONFIG}", "--workdir=/tmp/run",
+                        "--cores=6", "--gpus_per_job=1", "--partition=gpu", "--dry_run"], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, check=True, timeout=60).stdout
+  assert "#SBATCH --cpus-per-task=6" in out and "#SBATCH --gres=gpu:1" in out and "#SBATCH -p gpu" in out
+  worker = next(line for line in out.splitlines() if "distributed.cli.dask_worker" in line)
+  assert "--nthreads 1" in worker and "tcp://" in worker

@@ -29,6 +29,7 @@ GT_MODES = ("official", "binarized")
 EXPORT_FORMATS = ("onnx", "torch", "bioimageio", "stablehlo")
 MEMBRANE_CHOICES = ("black", "white")
 BLEND_CHOICES = ("gaussian", "constant")
+VOLUME_DTYPES = ("uint8", "float16")
 SMALLEST_WIDTH = 1 / 64  # the 64-channel stem keeps at least one channel
 
 
@@ -86,6 +87,25 @@ class _Problems:
       return None
 
 
+def _volume_checks(problems: _Problems) -> None:
+  """config.predict.volume and config.predict.dask (read only when the input is a chunked volume, but checked always:
+  a bad value should not wait for the first volume)."""
+  chunk = problems.integer("predict.volume.chunk", 1)
+  block = problems.integer("predict.volume.block", 1)
+  levels = problems.integer("predict.volume.levels", 1)
+  problems.choice("predict.volume.dtype", VOLUME_DTYPES)
+  problems.integer("predict.dask.workers", 0)
+  problems.integer("predict.dask.retries", 0)
+  problems.require("predict.dask.address", lambda v: isinstance(v, str), "a string (\"\" = a local cluster)")
+  if chunk and block and block % chunk:
+    problems.lines.append(f"config.predict.volume.block={block}: must be a multiple of config.predict.volume.chunk="
+                          f"{chunk}, so that no two blocks write one chunk")
+  if chunk and levels and chunk % 2 ** (levels - 1):
+    problems.lines.append(f"config.predict.volume.chunk={chunk}: must be a multiple of 2^(levels - 1) = "
+                          f"{2 ** (levels - 1)} (config.predict.volume.levels={levels}), so that every pyramid level "
+                          "keeps whole chunks")
+
+
 def validate(config, mode: str) -> None:
   """Raises ConfigError listing every problem in the sections `mode` reads (see SECTIONS); nothing else runs."""
   from urisc_jax import losses, models, optim, platforms, sharding  # pylint: disable=g-import-not-at-top
@@ -118,6 +138,9 @@ def validate(config, mode: str) -> None:
     if crop and multiple and crop % multiple:
       problems.lines.append(f"config.data.crop_size={crop}: must be a multiple of {multiple}, the input multiple of "
                             f"config.model.name={config.model.name!r} (e.g. {-(-crop // multiple) * multiple})")
+    if config.data.get("source") == "tensorstore":
+      problems.require("data.tensorstore.train.image", lambda v: isinstance(v, str) and v.strip() != "",
+                       "a volume to train from: a zarr / N5 / precomputed path, a file:// URL or a TensorStore spec")
     if config.data.get("source") == "synthetic":
       height = problems.integer("data.synthetic.height", 1)
       width = problems.integer("data.synthetic.width", 1)
@@ -170,6 +193,8 @@ def validate(config, mode: str) -> None:
     problems.choice("predict.on_error", ON_ERROR_CHOICES)
     problems.require("predict.threshold", lambda v: v is None or (_is_number(v) and 0 < v < 1),
                      "unset (chosen on validation images) or a probability in (0, 1)")
+    if mode == "predict" and "volume" in config.predict:
+      _volume_checks(problems)
 
   if "eval" in sections:
     problems.choice("eval.gt_mode", GT_MODES)

@@ -5,7 +5,9 @@
 Modes:
   train     train (resuming from workdir/checkpoints), choose the threshold on validation images, predict and score
             the test images: workdir/metrics.json, workdir/predictions/, workdir/overlay.png
-  predict   predict --config.predict.input (a file or folder) with the latest checkpoint of workdir
+  predict   predict --config.predict.input (a file or folder) with the latest checkpoint of workdir; a chunked
+            volume (PATH.zarr, PATH.n5, a TensorStore JSON spec) is predicted blockwise on Dask into the OME-Zarr
+            --config.predict.output=OUT.zarr
   evaluate  score submission TIFFs in --config.eval.pred_dir against ground truth in --config.eval.gt_dir
   prepare   decode every split of the configured dataset into the memory-mappable cache
   criteria  image definition criteria (Brenner, SMD2, Variance, Vollath) of images and their downsampled versions
@@ -71,6 +73,10 @@ def run(config, workdir: pathlib.Path, mode: str) -> dict | list:
     from urisc_jax import train
     return train.train_and_evaluate(config, workdir)
   if mode == "predict":
+    from urisc_jax import volumes
+    if volumes.is_volume_input(config.predict.input):
+      from urisc_jax import volume_predict
+      return volume_predict.predict_volume(config, workdir)
     from urisc_jax import predict
     return [str(p) for p in predict.predict_files(config, workdir)]
   if mode in ("evaluate", "prepare", "criteria", "export") and not multihost.is_writer():

@@ -11,6 +11,9 @@
   - "tfds": the `urisc/track1`, `urisc/track2` or `isbi2012` TFDS builder (`config.data.tfds.name`) read with
     `tfds.data_source`, no TensorFlow; a split is a TFDS split string such as "train" or "train[:20]". The dataset is
     built from `config.data.root` (its manual download folder) into `config.data.tfds.data_dir` the first time.
+  - "tensorstore": chunked volumes read through TensorStore (`volume_source`): split `s` takes every section of
+    `config.data.tensorstore.<s>.image` with its labels in `config.data.tensorstore.<s>.label`; crops read only
+    their window, nothing is decoded up front.
 Every split comes out as `prepare.PreparedImage`s (name, image(), label(), official_label()), so training, threshold
 choice and scoring treat label files, stack slices and TFDS records alike. A split that names nothing ("" for a
 split name, a slice list or an images folder) is empty.
@@ -25,7 +28,7 @@ import re
 
 from urisc_jax.data import prepare, sources, splits, synthetic
 
-SOURCES = ("synthetic", "urisc", "isbi", "folders", "tfds")
+SOURCES = ("synthetic", "urisc", "isbi", "folders", "tfds", "tensorstore")
 TFDS_NAMES = ("urisc/track1", "urisc/track2", "isbi2012")
 ROLES = ("train", "val", "test")
 
@@ -158,6 +161,11 @@ def _source_split(data_config, workdir, split: str, *, progress: bool) -> list[p
     return []
   if data_config.source == "tfds":
     return _tfds_split(data_config, workdir, split, progress=progress)
+  if data_config.source == "tensorstore":
+    from urisc_jax.data import volume_source  # pylint: disable=g-import-not-at-top
+    image, label = _tensorstore(data_config, split)
+    return volume_source.split_sections(image, label, split=split, membrane=data_config.membrane,
+                                        threshold=data_config.label_threshold)
   root = release_root(data_config, workdir) if data_config.source != "folders" else None
   if data_config.source in ("synthetic", "urisc"):
     pairs = sources.urisc_pairs(root, track=data_config.track, split=split)
@@ -179,6 +187,8 @@ def _names_nothing(data_config, split: str) -> bool:
     return not parse_slices(_isbi_selection(data_config, split), key=f"config.data.isbi.{split}")[1]
   if data_config.source == "folders":
     return not _folders(data_config, split)[0]
+  if data_config.source == "tensorstore":
+    return not _tensorstore(data_config, split)[0]
   return False
 
 
@@ -199,6 +209,8 @@ def _selection(data_config, split: str) -> list[tuple]:
     return [("slice", volume, index) for index in indices]
   if data_config.source == "folders":
     return [("folder", str(pathlib.Path(_folders(data_config, split)[0]).resolve()))]
+  if data_config.source == "tensorstore":
+    return [("volume", _tensorstore(data_config, split)[0])]
   return [("split", split)]
 
 
@@ -233,6 +245,15 @@ def _folders(data_config, split: str) -> tuple[str, str]:
     raise ValueError(f"config.data.source='folders' reads split {split!r} from config.data.folders.{key} (and "
                      f"{split}_labels), which does not exist. Name the splits train, val and test, or add the keys.")
   return folders[key], folders.get(f"{split}_labels", "")
+
+
+def _tensorstore(data_config, split: str) -> tuple[str, str]:
+  """(image volume, label volume) of a split of the "tensorstore" source."""
+  volumes = data_config.get("tensorstore")
+  if volumes is None or split not in volumes:
+    raise ValueError(f"config.data.source='tensorstore' reads split {split!r} from config.data.tensorstore.{split}"
+                     ".image (and .label), which does not exist. Name the splits train, val and test, or add the keys.")
+  return volumes[split].image, volumes[split].get("label", "")
 
 
 def _tfds_split(data_config, workdir, split: str, *, progress: bool) -> list[prepare.PreparedImage]:

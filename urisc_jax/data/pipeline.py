@@ -80,7 +80,7 @@ class CropExamples:
 
   def _open(self) -> list[tuple[NpyWindows, NpyWindows]]:
     if self._readers is None:
-      self._readers = [(NpyWindows(im.image_path), NpyWindows(im.label_path)) for im in self.images]
+      self._readers = [_readers(im) for im in self.images]
     return self._readers
 
   def _patch(self, index: int) -> np.ndarray:
@@ -137,6 +137,14 @@ class CropExamples:
         [image_reader.view(top, left, height, width), label_reader.view(top, left, height, width)],
         linear, local, size, orders=(1, 0), threads=self._augment.threads)
     return image, label
+
+
+def _readers(image) -> tuple:
+  """(image, label) window readers of an image of a split: the decode-once cache's .npy files, or the image's own
+  (`volume_source.VolumeSection.windows`: TensorStore reads)."""
+  if hasattr(image, "windows"):
+    return image.windows()
+  return NpyWindows(image.image_path), NpyWindows(image.label_path)
 
 
 def _origin_range(length: int, size: int, extent: float, shift: int, *, identity: bool) -> tuple[int, int]:
@@ -197,7 +205,7 @@ class PatchCrops:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     if self._readers is None:
-      self._readers = [(NpyWindows(im.image_path), NpyWindows(im.label_path)) for im in self.images]
+      self._readers = [_readers(im) for im in self.images]
     which, row, col = (int(v) for v in self.patches[index])
     image_reader, label_reader = self._readers[which]
     box = (row, col, self.crop_size, self.crop_size)

@@ -230,6 +230,12 @@ def _membrane_mask(gray: np.ndarray, path, *, membrane: str, threshold: int | No
   return mask
 
 
+def membrane_mask_of(gray: np.ndarray, what, *, membrane: str = "black", threshold: int | None = None) -> np.ndarray:
+  """bool membrane mask of a gray label window (`what` names it in errors), decoded as label files are; no check of
+  the membrane fraction (a window may lie all on membrane)."""
+  return _membrane_mask(gray, what, membrane=membrane, threshold=threshold, max_membrane_fraction=1.0)
+
+
 def load_pair(pair: ImagePair, *, membrane: str = "black", threshold: int | None = None,
               max_membrane_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray | None]:
   """Reads an image and its label, checking that they have the same size.
