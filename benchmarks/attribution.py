@@ -53,7 +53,7 @@ def run_variant(variant: str, logit_fn, variables, x, baseline, targets: np.ndar
   warm_steps = 1 if variant == "loop" else min(args.chunk_size, args.steps)
 
   def call(steps):
-    return [ig.integrated_gradients(logit_fn, variables, x, baseline, group, steps=steps, method=args.method,
+    return [ig.integrated_gradients(logit_fn, variables, x, baseline, group, steps=steps, rule=args.method,
                                     chunk_size=args.chunk_size, vectorized=vectorized) for group in groups]
 
   start = time.perf_counter()
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=100, help="gradient evaluations per target (the paper's 100)")
   parser.add_argument("--targets", type=int, default=2, help="target pixels")
   parser.add_argument("--chunk-size", type=int, default=4, help="interpolation points per forward pass")
-  parser.add_argument("--method", default="riemann_right", choices=ig.METHODS)
+  parser.add_argument("--method", default="riemann_right", choices=ig.RULES, help="quadrature rule")
   parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
   parser.add_argument("--quick", action="store_true",
                       help="U-Net-ResNet18 at width 1/8 on 128 px, 20 steps, 4 targets, chunks of 10")

@@ -212,9 +212,18 @@ def get_config() -> ml_collections.ConfigDict:
   # step with this config's model on 2 busy CPU cores (3.5 min at 300 steps): raise it on an accelerator.
   config.attribution.num_targets = 1
   config.attribution.border = 0  # targets are drawn at least this many pixels from the image border
-  config.attribution.steps = 300  # gradient evaluations along the path (the paper used 100)
-  # "riemann_right" (the paper's) | "riemann_left" | "riemann_middle" | "trapezoid" | "gauss_legendre"
-  config.attribution.method = "riemann_right"
+  # Quadrature of the path integral (attribution/path_integral.py): the path is cut into steps // nodes_per_interval
+  # intervals, each integrated by `rule`: "gauss_legendre" (exact for polynomials of degree <= 2 nodes - 1) |
+  # "riemann_right" (the paper's, with 100 steps; composite = plain) | "riemann_left" | "riemann_middle" |
+  # "trapezoid". Where a target's completeness gap |sum(IG) - (F(x) - F(x'))| exceeds tolerance x
+  # max(|F(x) - F(x')|, 1), the intervals with the largest local gaps are halved until it holds or the target's
+  # partition has max_nodes nodes (targets.json records each target's nodes and gap; tolerance None = one pass).
+  config.attribution.rule = "gauss_legendre"
+  config.attribution.steps = 32
+  config.attribution.nodes_per_interval = 4
+  config.attribution.tolerance = ml_collections.config_dict.placeholder(float)
+  config.attribution.tolerance = 0.01
+  config.attribution.max_nodes = 512
   # "zeros" (zeros after normalization, the paper's) | "black" (gray 0) | "blurred" (Gaussian, blur_sigma px) | "noise"
   config.attribution.baseline = "zeros"
   config.attribution.blur_sigma = 10.0

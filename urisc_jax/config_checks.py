@@ -27,6 +27,8 @@ ON_ERROR_CHOICES = ("stop", "skip")
 GT_MODES = ("official", "binarized")
 MEMBRANE_CHOICES = ("black", "white")
 BLEND_CHOICES = ("gaussian", "constant")
+# The quadrature rules of attribution/integrated_gradients.py (kept here: importing it would load Flax).
+ATTRIBUTION_RULES = ("gauss_legendre", "riemann_right", "riemann_left", "riemann_middle", "trapezoid")
 SMALLEST_WIDTH = 1 / 64  # the 64-channel stem keeps at least one channel
 
 
@@ -174,9 +176,15 @@ def validate(config, mode: str) -> None:
 
   if "attribution" in sections:
     for key in ("attribution.steps", "attribution.num_targets", "attribution.chunk_size",
-                "attribution.targets_per_pass"):
+                "attribution.targets_per_pass", "attribution.nodes_per_interval"):
       problems.integer(key, 1)
     problems.integer("attribution.border", 0)
+    problems.choice("attribution.rule", ATTRIBUTION_RULES)
+    problems.require("attribution.tolerance", lambda v: v is None or (_is_number(v) and v >= 0),
+                     "unset (one pass of attribution.steps nodes) or a number >= 0")
+    steps, cap = problems.value("attribution.steps"), problems.integer("attribution.max_nodes", 1)
+    if cap is not None and _is_int(steps) and cap < steps:
+      problems.lines.append(f"config.attribution.max_nodes={cap}: must be >= config.attribution.steps={steps}")
     problems.require("attribution.pixel_nm", lambda v: _is_number(v) and v > 0, "a positive pixel size in nm")
 
   if problems.lines:

@@ -52,6 +52,10 @@ CASES = [
     ("predict", {"predict.batch_size": 0}, "config.predict.batch_size=0: must be an integer >= 1"),
     ("evaluate", {"eval.gt_mode": "binary"}, "config.eval.gt_mode='binary': must be one of 'official', 'binarized'"),
     ("attribute", {"attribution.steps": 0}, "config.attribution.steps=0: must be an integer >= 1"),
+    ("attribute", {"attribution.rule": "simpson"}, "config.attribution.rule='simpson': must be one of 'gauss_legendre'"),
+    ("attribute", {"attribution.tolerance": -0.01}, "config.attribution.tolerance=-0.01: must be unset"),
+    ("attribute", {"attribution.max_nodes": 16}, "config.attribution.max_nodes=16: must be >= config.attribution.steps=32"),
+    ("attribute", {"attribution.max_nodes": 0}, "config.attribution.max_nodes=0: must be an integer >= 1"),
     ("attribute", {"attribution.pixel_nm": 0.0}, "config.attribution.pixel_nm=0.0: must be a positive pixel size"),
 ]
 

@@ -8,7 +8,8 @@ image each decision draws on.
 
 Outputs under workdir/attribution/:
   stats.json            S_k statistics of the dataset over config.attribution.k_grid, overall and per outcome
-  targets.json          one entry per target: image, y, x, outcome, logit, baseline_logit, completeness gaps, S_k
+  targets.json          one entry per target: image, y, x, outcome, logit, baseline_logit, completeness gaps, the
+                        quadrature nodes it used and whether it met config.attribution.tolerance, S_k
   figure8_<image>.png   image, prediction, annotation and attribution maps of the image's targets
   figure7b_sk.png       mean S_k +- s.e. against k per outcome
 """
@@ -42,18 +43,28 @@ def _check_config(cfg) -> None:
     raise ValueError(f"config.attribution.crop={cfg.crop!r}: choose one of {', '.join(CROPS)}.")
   if cfg.baseline not in ig.BASELINES:
     raise ValueError(f"config.attribution.baseline={cfg.baseline!r}: choose one of {', '.join(ig.BASELINES)}.")
-  ig.quadrature(cfg.method, cfg.steps)  # raises on a bad method or step count
+  ig.quadrature(cfg.rule, cfg.steps)  # raises on a bad rule or node count
+  if not cfg.max_nodes >= cfg.steps:
+    raise ValueError(f"config.attribution.max_nodes={cfg.max_nodes} must be >= config.attribution.steps="
+                     f"{cfg.steps}, the first pass's nodes.")
   if not cfg.num_targets > 0:
     raise ValueError(f"config.attribution.num_targets must be positive, got {cfg.num_targets}.")
 
 
-def _completeness_summary(entries: list[dict]) -> dict:
+def _completeness_summary(entries: list[dict], tolerance: float) -> dict:
+  """How well the attributions add up: gaps, node counts and how many targets met the tolerance."""
   gaps = np.abs([e["completeness_gap"] for e in entries])
   relative = np.abs([e["completeness_gap_rel"] for e in entries], dtype=np.float64)
   finite = relative[np.isfinite(relative)]
-  return {"max_abs_gap": float(gaps.max()), "mean_abs_gap": float(gaps.mean()),
+  nodes = np.asarray([e["nodes"] for e in entries])
+  evaluations = np.asarray([e["gradient_evaluations"] for e in entries])
+  return {"tolerance": tolerance, "num_targets": len(entries),
+          "met_tolerance": int(sum(e["met_tolerance"] for e in entries)),
+          "max_abs_gap": float(gaps.max()), "mean_abs_gap": float(gaps.mean()),
           "max_abs_gap_rel": float(finite.max()) if finite.size else None,
-          "median_abs_gap_rel": float(np.median(finite)) if finite.size else None}
+          "median_abs_gap_rel": float(np.median(finite)) if finite.size else None,
+          "nodes": {"min": int(nodes.min()), "median": float(np.median(nodes)), "max": int(nodes.max())},
+          "gradient_evaluations": {"total": int(evaluations.sum()), "max": int(evaluations.max())}}
 
 
 def _this_process_share(counts: list[int]) -> list[list[int]]:
@@ -134,8 +145,8 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
       drawn = _figure_targets(targets)
       results = ig.iter_attributions(
           logit_fn, local_variables, im.image(), [(targets[k].row, targets[k].col) for k in mine], mean=mean,
-          std=std, baseline=cfg.baseline, radius=radius, steps=cfg.steps, method=cfg.method,
-          chunk_size=cfg.chunk_size, targets_per_pass=cfg.targets_per_pass, seed=(cfg.seed, index),
+          std=std, baseline=cfg.baseline, radius=radius, steps=cfg.steps, rule=cfg.rule,
+          nodes_per_interval=cfg.nodes_per_interval, tolerance=cfg.tolerance, max_nodes=cfg.max_nodes, chunk_size=cfg.chunk_size, targets_per_pass=cfg.targets_per_pass, seed=(cfg.seed, index),
           blur_sigma=cfg.blur_sigma)
       for result in results:
         maps = result.maps
@@ -150,6 +161,8 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
               "logit": float(result.logits[i]), "baseline_logit": float(result.baseline_logits[i]),
               "completeness_gap": float(result.completeness_gap[i]),
               "completeness_gap_rel": float(result.completeness_gap_rel[i]),
+              "nodes": int(result.nodes[i]), "gradient_evaluations": int(result.evaluations[i]),
+              "met_tolerance": bool(result.met_tolerance[i]),
               "s_k_nm2": target_areas[i].tolist(),
               "window": {"top": result.origin[0], "left": result.origin[1], "height": int(maps.shape[1]),
                          "width": int(maps.shape[2])}}))
@@ -166,7 +179,7 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
     predicted = np.unpackbits(packed_prediction, count=int(np.prod(im.shape))).reshape(im.shape).astype(bool)
     figures.plot_figure8(out_dir / f"figure8_{im.name}.png", im.image(), predicted, np.asarray(im.label()) > 0,
                          sorted(image_panels, key=lambda p: fields.OUTCOMES.index(p["outcome"])),
-                         title=f"{im.name}: integrated gradients ({cfg.steps} steps, {cfg.baseline} baseline)")
+                         title=f"{im.name}: integrated gradients ({cfg.rule}, {cfg.baseline} baseline)")
   areas = [np.asarray(e["s_k_nm2"]) for e in entries]
 
   # The U-RISC track only means something for release-layout sources.
@@ -180,8 +193,10 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
                                   image_pixels=[image_pixels[e["image"]] for e in entries])
   stats.update({
       "dataset": dataset_name, "checkpoint_step": step, "num_images": len(images), "threshold": threshold,
-      "steps": cfg.steps, "method": cfg.method, "baseline": cfg.baseline, "crop": cfg.crop,
-      "receptive_field_radius": radius, "completeness": _completeness_summary(entries)})
+      "steps": cfg.steps, "rule": cfg.rule, "nodes_per_interval": cfg.nodes_per_interval,
+      "max_nodes": cfg.max_nodes, "baseline": cfg.baseline,
+      "crop": cfg.crop, "receptive_field_radius": radius,
+      "completeness": _completeness_summary(entries, cfg.tolerance)})
   outputs.write_json(out_dir / "stats.json", stats)
   outputs.write_json(out_dir / "targets.json", {"dataset": dataset_name, "k_grid": k_grid, "targets": entries})
   series = {fields.OUTCOME_LABELS[o]: stats["outcomes"][o] for o in fields.OUTCOMES if o in stats["outcomes"]}
@@ -191,7 +206,7 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
   overall = stats["outcomes"]["all"]
   return {
       "dataset": dataset_name, "num_images": len(images), "num_targets": len(entries), "steps": cfg.steps,
-      "method": cfg.method, "baseline": cfg.baseline, "receptive_field_radius": radius,
+      "rule": cfg.rule, "baseline": cfg.baseline, "receptive_field_radius": radius,
       "mean_s_k_nm2": {f"k={k:g}": mean for k, mean in zip(k_grid, overall["mean_nm2"])},
       "completeness": stats["completeness"], "output_dir": str(out_dir),
   }
