@@ -187,7 +187,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.predict.output = ""  # --mode=predict: "" = workdir/predictions
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.gt_mode = "official"  # "official" (GT as is, like eval.py) or "binarized" (GT <= 122)
+  # "official" (GT as released, like eval.py; a thresholded Track-2 label is re-read from the release) or "binarized"
+  # (GT <= 122, the competition); metrics.json records "official" or "binarized@122".
+  config.eval.gt_mode = "official"
   # Also score the test images by class (membrane and cell-interior F1 by the official formula, no format check),
   # pixel error, V_rand and V_info (evaluation/two_class.py): for ISBI-like data that the official scorer refuses.
   config.eval.two_class = False

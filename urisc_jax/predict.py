@@ -22,6 +22,7 @@ from urisc_jax import checkpoint, inference, multihost, optim, outputs, postproc
 from urisc_jax.data import sources
 from urisc_jax.data.prepare import PreparedImage
 from urisc_jax.evaluation import f1 as official
+from urisc_jax.evaluation import ground_truth as gt_lib
 from urisc_jax.evaluation import threshold as thresholds
 
 THRESHOLD_CANDIDATES = np.round(np.arange(0.02, 0.99, 0.02), 2)
@@ -87,14 +88,18 @@ def membrane_mask(probability: np.ndarray, threshold: float, predict_config) -> 
   return postprocess.postprocess(membrane, options) if postprocess.is_enabled(options) else membrane
 
 
-def ground_truth(image: PreparedImage) -> np.ndarray:
-  """The ground truth the official scorer sees, uint8 [H, W], black = membrane: `PreparedImage.official_label`.
+def ground_truth(image: PreparedImage, config=None) -> np.ndarray:
+  """The ground truth the official scorer sees, uint8 [H, W], black = membrane.
 
-  For a binary label file in the official polarity that is the file byte for byte; a label that needed another
-  polarity or a threshold to decode comes back binarized in the official polarity. Works for every source (files,
-  slices of TIFF stacks, TFDS records).
+  Without a config: `PreparedImage.official_label` (for a binary label file in the official polarity, the file byte
+  for byte; a label that needed another polarity or a threshold comes back binarized). With the run's config: what
+  `config.eval.gt_mode` scores (`evaluation.ground_truth.scored_ground_truth`): a thresholded label (Track 2) as
+  released for "official", so that the name in metrics.json is true.
   """
-  return np.asarray(image.official_label())
+  if config is None:
+    return np.asarray(image.official_label())
+  return gt_lib.scored_ground_truth(image, gt_mode=config.eval.gt_mode, label_threshold=config.data.label_threshold,
+                                    membrane=config.data.membrane)
 
 
 def f1_per_threshold(probability: np.ndarray, gt: np.ndarray, predict_config, *, gt_mode: str,
@@ -135,7 +140,8 @@ def choose_threshold(forward, images: list[PreparedImage], config, *, local_forw
       continue
     probability = probabilities(local_forward if alone else forward, np.asarray(im.image()), config.predict)
     if mine:
-      curves[i] = f1_per_threshold(probability, ground_truth(im), config.predict, gt_mode=config.eval.gt_mode)
+      curves[i] = f1_per_threshold(probability, ground_truth(im, config), config.predict,
+                                     gt_mode=config.eval.gt_mode)
     del probability
   curves = {i: curve for share in multihost.gather_objects(curves) for i, curve in share.items()}
   mean_f1 = np.mean([curves[i] for i in range(len(images))], axis=0)
@@ -145,21 +151,21 @@ def choose_threshold(forward, images: list[PreparedImage], config, *, local_forw
           "postprocess": postprocess.options_from(config.predict.get("postprocess"))}
 
 
-def intensity_baseline(train_images: list[PreparedImage], test_images: list[PreparedImage], *,
-                       gt_mode: str) -> dict:
+def intensity_baseline(train_images: list[PreparedImage], test_images: list[PreparedImage], config) -> dict:
   """The best global intensity threshold (membrane = gray <= t) chosen on the training images, scored on the test
   images: what a network has to beat."""
 
   def darkness(im):  # Higher = darker = more membrane-like, as the threshold sweep expects.
     return 255 - np.asarray(im.image(), np.int16)
 
+  gt_mode = config.eval.gt_mode
   candidates = np.arange(256)  # darkness >= c  <=>  gray <= 255 - c
   level, train_f1 = thresholds.select_threshold([darkness(im) for im in train_images],
-                                                [ground_truth(im) for im in train_images],
+                                                [ground_truth(im, config) for im in train_images],
                                                 candidates, gt_mode=gt_mode)
   gray_threshold = 255 - int(level)
   per_image = [score_submission(inference.submission(np.asarray(im.image()) <= gray_threshold),
-                                ground_truth(im), gt_mode=gt_mode) for im in test_images]
+                                ground_truth(im, config), gt_mode=gt_mode) for im in test_images]
   mean, sem = official.mean_and_sem([r["f1"] for r in per_image])
   return {"gray_threshold": gray_threshold, "train_f1": train_f1, "f1": mean, "f1_sem": sem,
           "precision": float(np.mean([r["precision"] for r in per_image])),
@@ -197,7 +203,7 @@ def predict_and_score(forward, images: list[PreparedImage], config, *, threshold
     if not writer:
       continue
     membrane = membrane_mask(probability, threshold, config.predict)
-    gt = ground_truth(im)
+    gt = ground_truth(im, config)
     write_outputs(out_dir, im.name, image, probability, membrane, gt < 255)
     scores = score_submission(official.read_gray8(out_dir / f"{im.name}.tiff"), gt, gt_mode=config.eval.gt_mode)
     per_image.append({"name": im.name, **scores})

@@ -20,7 +20,7 @@ from urisc_jax import checkpoint, losses, models, multihost, optim, outputs, pre
 from urisc_jax.data import dataset, pipeline
 from urisc_jax.data.normalize import normalize
 from urisc_jax.data.prepare import PreparedImage
-from urisc_jax.evaluation import report, two_class
+from urisc_jax.evaluation import ground_truth, report, two_class
 from urisc_jax.state import TrainState, build_model, create_state, load_pretrained_encoder
 
 
@@ -306,7 +306,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   if not multihost.is_writer():
     return {}
   outputs.write_json(workdir / predict.THRESHOLD_FILE, {"step": step, **chosen})
-  baseline = predict.intensity_baseline(splits["train"], splits["test"], gt_mode=config.eval.gt_mode)
+  baseline = predict.intensity_baseline(splits["train"], splits["test"], config)
   if splits["test"]:
     first = workdir / "predictions" / "overlays" / f"{splits['test'][0].name}.png"
     (workdir / "overlay.png").write_bytes(first.read_bytes())
@@ -315,7 +315,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   metrics = {
       "f1": test["f1"], "f1_sem": test["f1_sem"], "precision": test["precision"], "recall": test["recall"],
       "baseline_f1": baseline["f1"], "baseline_f1_sem": baseline["f1_sem"], "baseline": baseline,
-      "threshold": chosen["threshold"], "val_f1": chosen["val_f1"], "gt_mode": config.eval.gt_mode,
+      "threshold": chosen["threshold"], "val_f1": chosen["val_f1"],
+      # What the scorer saw: "official" (labels as released) or "binarized@122" (evaluation/ground_truth.py).
+      "gt_mode": ground_truth.describe(config.eval.gt_mode),
       # Submissions the official scorer refused (scored 0), e.g. ISBI-like membrane fractions; see two_class.
       "rejected_by_official_scorer": sum("rejected" in row for row in test["per_image"]),
       "per_image": test["per_image"], "two_class": test.get("two_class"), "step": step, "train": train_summary,
