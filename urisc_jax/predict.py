@@ -151,6 +151,49 @@ def choose_threshold(forward, images: list[PreparedImage], config, *, local_forw
           "postprocess": postprocess.options_from(config.predict.get("postprocess"))}
 
 
+def choose_threshold_on_patches(forward, images: list[PreparedImage], patches: np.ndarray, crop_size: int,
+                                config) -> dict:
+  """The threshold that maximises the mean official F1 over validation patches of the training images (the paper's
+  split, config.data.split.mode="patch").
+
+  Each image that holds validation patches is predicted whole (sliding window, as at test time), and every patch is
+  scored on its own window of the probability map, so that a patch's prediction sees the same context as the image's.
+  Every process predicts every image together (`forward` spans all hosts) and scores all patches alike.
+
+  Args:
+    forward: the tile forward over all devices.
+    images: the training images the patches index.
+    patches: int [N, 3] (image, row, col) from `pipeline.val_patches`.
+    crop_size: the patch side.
+    config: the run config (predict and eval settings).
+
+  Returns:
+    {"threshold", "val_f1" (mean over patches), "val_patches" (how many), "val_images" (names of the images they
+    come from), "postprocess"}.
+  """
+  if not len(patches):
+    raise ValueError("choose_threshold_on_patches needs at least one validation patch; raise "
+                     "config.data.split.val_fraction or num_val, or set config.predict.threshold.")
+  total = np.zeros(len(THRESHOLD_CANDIDATES))
+  names = []
+  for index in tqdm(np.unique(patches[:, 0]), desc="validate", unit="image", leave=False,
+                    disable=not multihost.is_writer()):
+    im = images[int(index)]
+    names.append(im.name)
+    probability = probabilities(forward, np.asarray(im.image()), config.predict)
+    gt = ground_truth(im, config)
+    for _, row, col in patches[patches[:, 0] == index]:
+      window = np.s_[row:row + crop_size, col:col + crop_size]
+      total += f1_per_threshold(probability[window], np.ascontiguousarray(gt[window]), config.predict,
+                                gt_mode=config.eval.gt_mode)
+    del probability
+  mean_f1 = total / len(patches)
+  best = int(np.argmax(mean_f1))
+  return {"threshold": float(THRESHOLD_CANDIDATES[best]), "val_f1": float(mean_f1[best]),
+          "val_patches": int(len(patches)), "val_images": names,
+          "postprocess": postprocess.options_from(config.predict.get("postprocess"))}
+
+
 def intensity_baseline(train_images: list[PreparedImage], test_images: list[PreparedImage], config) -> dict:
   """The best global intensity threshold (membrane = gray <= t) chosen on the training images, scored on the test
   images: what a network has to beat."""
