@@ -69,6 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Largest image (width x height) any reader decodes: 2^28 = 268 Mpix takes U-RISC's 99 Mpix and refuses
   # decompression bombs; raise it for genuine larger images (a 30k x 30k section needs 9e8).
   config.data.max_image_pixels = 2**28
+  # Pixel size of the training data in nm (U-RISC 2.18, ISBI 2012 4; None = unknown): --mode=predict resamples
+  # inputs of another pixel size to it (config.predict.match_resolution).
+  config.data.pixel_nm = ml_collections.config_dict.placeholder(float)
+  config.data.pixel_nm = 2.18  # the synthetic U-RISC-like images
   config.data.crop_size = 256
   config.data.num_workers = 0
   # The paper's eight augmentations (flips, rotation, zoom, crop, translation, contrast, intensity jitter) plus the
@@ -181,6 +185,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.predict.postprocess.fill_holes_below = 0
   config.predict.postprocess.closing_radius = 0
   config.predict.input = ""  # --mode=predict: an image file or folder
+  # --mode=predict: resample an input whose pixel size differs from config.data.pixel_nm to it, and the probability
+  # map back (anti-aliased). The input's pixel size: input_pixel_nm, or None = what the file records (TIFF
+  # resolution tags, ImageJ metadata, OME-Zarr), else the training data's (no resampling).
+  config.predict.match_resolution = True
+  config.predict.input_pixel_nm = ml_collections.config_dict.placeholder(float)
   # --mode=predict on a folder: "stop" at the first image that cannot be read or written (naming it), or "skip" it
   # and go on; skipped images are listed in <output>/prediction_errors.json.
   config.predict.on_error = "stop"
@@ -236,6 +245,12 @@ def get_config() -> ml_collections.ConfigDict:
   # (measured; same result as the whole image, far cheaper on large images) | "none": the whole image.
   config.attribution.crop = "receptive_field"
   config.attribution.pixel_nm = 2.18  # pixel size h for S_k = count(w > k) * h^2: U-RISC 2.18 nm, ISBI 2012 4 nm
+  # "native": S_k at the images' own resolution, targets anywhere. "paper": as the paper's code did, every image (and
+  # label) resized to paper_size x paper_size before prediction and attribution, targets drawn from a paper_grid px
+  # grid, and h scaled to the resized pixels (U-RISC 9958 px -> 512 px: 42.4 nm).
+  config.attribution.protocol = "native"
+  config.attribution.paper_size = 512
+  config.attribution.paper_grid = 10
   config.attribution.k_grid = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # levels k of normalized attribution
   config.attribution.seed = 0  # target sampling and the "noise" baseline
   return config

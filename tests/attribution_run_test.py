@@ -1,6 +1,7 @@
 """--mode=attribute end to end on the tiny config, and completeness of integrated gradients on the trained model."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -119,6 +120,30 @@ def test_targets_are_sampled_by_outcome_against_the_annotation(attributed, train
     assert fields.outcome_masks(np.array([[predicted]]), truth[e["y"], e["x"]][None, None])[e["outcome"]][0, 0]
   counts = {o: sum(e["outcome"] == o for e in entries) for o in fields.OUTCOMES}
   assert all(n <= config.attribution.num_targets for n in counts.values()) and counts["tp"] + counts["fn"] > 0
+
+
+def test_paper_protocol_resizes_draws_targets_on_its_grid_and_scales_the_pixel_size(trained, tmp_path):
+  config = _config()
+  config.attribution.protocol = "paper"
+  config.attribution.paper_size = 64  # the paper's 512, scaled to the tiny images (192 x 160)
+  config.attribution.paper_grid = 10
+  config.attribution.num_targets = 1
+  config.attribution.max_nodes = config.attribution.steps  # one pass: this test is about the protocol
+  config.attribution.crop = "none"
+  config.attribution.k_grid = (0.01, 0.1)
+  workdir = tmp_path / "run"  # a copy: the other tests read the native run's attribution/
+  shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("attribution"))
+  summary = run.attribute(config, workdir)
+  stats = json.loads((workdir / "attribution" / "stats.json").read_text())
+  entries = json.loads((workdir / "attribution" / "targets.json").read_text())["targets"]
+  pixel_nm = 2.18 * np.sqrt(192 * 160) / 64
+  assert stats["protocol"] == summary["protocol"] == "paper" and stats["input_shape"] == [64, 64]
+  np.testing.assert_allclose([stats["pixel_nm"], summary["pixel_nm"]], pixel_nm)
+  assert entries and all(e["y"] % 10 == 0 and e["x"] % 10 == 0 and e["y"] < 64 and e["x"] < 64 for e in entries)
+  assert all(e["window"]["height"] == e["window"]["width"] == 64 for e in entries)
+  pixels = np.array([e["s_k_nm2"] for e in entries]) / pixel_nm**2  # whole resized pixels
+  np.testing.assert_allclose(pixels, np.round(pixels), atol=1e-6)
+  assert pixels.max() <= 64 * 64
 
 
 def test_attribute_needs_a_trained_run_and_a_valid_config(tmp_path, trained):

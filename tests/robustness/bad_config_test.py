@@ -49,6 +49,8 @@ CASES = [
     ("predict", {"predict.on_error": "ignore"}, "config.predict.on_error='ignore': must be one of 'stop', 'skip'"),
     ("predict", {"predict.threshold": 1.5}, "config.predict.threshold=1.5: must be unset"),
     ("predict", {"predict.halo": -1}, "config.predict.halo=-1: must be unset (blended tiles) or an integer >= 0"),
+    ("predict", {"predict.input_pixel_nm": -4.0}, "config.predict.input_pixel_nm=-4.0: must be unset"),
+    ("predict", {"data.pixel_nm": 0.0}, "config.data.pixel_nm=0.0: must be unset (unknown"),
     ("predict", {"predict.batch_size": 0}, "config.predict.batch_size=0: must be an integer >= 1"),
     ("evaluate", {"eval.gt_mode": "binary"}, "config.eval.gt_mode='binary': must be one of 'official', 'binarized'"),
     ("attribute", {"attribution.steps": 0}, "config.attribution.steps=0: must be an integer >= 1"),
@@ -56,6 +58,9 @@ CASES = [
     ("attribute", {"attribution.tolerance": -0.01}, "config.attribution.tolerance=-0.01: must be unset"),
     ("attribute", {"attribution.max_nodes": 16}, "config.attribution.max_nodes=16: must be >= config.attribution.steps=32"),
     ("attribute", {"attribution.max_nodes": 0}, "config.attribution.max_nodes=0: must be an integer >= 1"),
+    ("attribute", {"attribution.protocol": "resized"}, "config.attribution.protocol='resized': must be one of 'native'"),
+    ("attribute", {"attribution.paper_size": 500}, "config.attribution.paper_size=500: must be a multiple of 32"),
+    ("attribute", {"attribution.paper_grid": 0}, "config.attribution.paper_grid=0: must be an integer >= 1"),
     ("attribute", {"attribution.pixel_nm": 0.0}, "config.attribution.pixel_nm=0.0: must be a positive pixel size"),
 ]
 

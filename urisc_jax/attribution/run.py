@@ -14,6 +14,7 @@ Outputs under workdir/attribution/:
   figure7b_sk.png       mean S_k +- s.e. against k per outcome
 """
 
+import dataclasses
 import pathlib
 
 import jax
@@ -23,9 +24,12 @@ from tqdm import tqdm
 from urisc_jax import multihost, outputs, predict, sharding, state
 from urisc_jax.attribution import fields, figures, receptive_field
 from urisc_jax.attribution import integrated_gradients as ig
-from urisc_jax.data import dataset
+from urisc_jax.data import dataset, resample
 
 CROPS = ("receptive_field", "none")
+# "native": images at their recorded resolution, targets anywhere. "paper": as the paper's code did, each image (and
+# its label) resized to paper_size x paper_size, targets on a paper_grid px grid, S_k with the pixel size scaled.
+PROTOCOLS = ("native", "paper")
 SPLITS = ("train", "val", "test")
 # Attribution maps drawn per outcome and image in a Figure-8 panel.
 FIGURE_TARGETS_PER_OUTCOME = 2
@@ -38,7 +42,50 @@ def _split_name(config) -> str:
   return getattr(config.data, f"{split}_split")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Resized:
+  """An image and its label resampled to `shape` (anti-aliased; the label: membrane where half a pixel is)."""
+  name: str
+  gray: np.ndarray
+  mask: np.ndarray
+  source_shape: tuple[int, int]
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return self.gray.shape
+
+  def image(self) -> np.ndarray:
+    return self.gray
+
+  def label(self) -> np.ndarray:
+    return self.mask
+
+
+def protocol_images(images, cfg) -> tuple[list, float]:
+  """The images the protocol attributes and the pixel size h (nm) of their pixels.
+
+  "native": the images as they are, h = cfg.pixel_nm. "paper": each resized to paper_size x paper_size, h =
+  pixel_nm x sqrt(H W) / paper_size (a pixel then covers (H / size) x (W / size) original pixels; U-RISC 9958 px ->
+  512 px: 42.4 nm instead of 2.18 nm). All images of a split must share one size in that protocol, since S_k's
+  pixel size is one number.
+  """
+  if cfg.protocol == "native":
+    return list(images), float(cfg.pixel_nm)
+  size = int(cfg.paper_size)
+  shapes = {tuple(im.shape) for im in images}
+  if len(shapes) != 1:
+    raise ValueError(f"config.attribution.protocol='paper' resizes every image to {size} x {size} px, which needs "
+                     f"one image size per split to give one pixel size; this split has {sorted(shapes)}.")
+  [(height, width)] = shapes
+  resized = [_Resized(im.name, resample.resize_gray(np.asarray(im.image()), (size, size)),
+                      resample.resize_mask(np.asarray(im.label()) > 0, (size, size)).astype(np.uint8),
+                      (height, width)) for im in images]
+  return resized, float(cfg.pixel_nm) * float(np.sqrt(height * width)) / size
+
+
 def _check_config(cfg) -> None:
+  if cfg.protocol not in PROTOCOLS:
+    raise ValueError(f"config.attribution.protocol={cfg.protocol!r}: choose one of {', '.join(PROTOCOLS)}.")
   if cfg.crop not in CROPS:
     raise ValueError(f"config.attribution.crop={cfg.crop!r}: choose one of {', '.join(CROPS)}.")
   if cfg.baseline not in ig.BASELINES:
@@ -114,6 +161,8 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
       lambda: dataset.prepared_split(config.data, workdir, split, progress=multihost.is_writer()), "prepare data")
   if not images:
     raise ValueError(f"No images in split {split!r} of the configured dataset: nothing to attribute.")
+  images, pixel_nm = protocol_images(images, cfg)
+  grid = int(cfg.paper_grid) if cfg.protocol == "paper" else 1
   threshold = predict.decision_threshold(config, workdir, step)
   forward = predict.tile_forward(config, model, variables)
   logit_fn = ig.ModelLogits(model)
@@ -129,7 +178,7 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
     probability = predict.probabilities(forward, np.asarray(im.image()), config.predict)
     predicted = predict.membrane_mask(probability, threshold, config.predict)
     targets = fields.sample_targets(predicted, np.asarray(im.label()) > 0, cfg.num_targets, seed=(cfg.seed, index),
-                                    border=cfg.border)
+                                    border=cfg.border, grid=grid)
     plans.append((index, im, np.packbits(predicted), targets, [float(probability[t.row, t.col]) for t in targets]))
     del probability, predicted
 
@@ -150,7 +199,7 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
           blur_sigma=cfg.blur_sigma)
       for result in results:
         maps = result.maps
-        target_areas = fields.field_areas(maps, k_grid, pixel_nm=cfg.pixel_nm)
+        target_areas = fields.field_areas(maps, k_grid, pixel_nm=pixel_nm)
         normalized = fields.normalize_attributions(maps)
         for i, (row, col) in enumerate(result.targets.tolist()):
           k = order[(row, col)]
@@ -189,13 +238,14 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
     raise ValueError(f"No target pixels in {dataset_name}: the predictions and annotations have no true positive, "
                      "false positive or false negative pixels (away from config.attribution.border).")
   image_pixels = {im.name: int(np.prod(im.shape)) for im in images}
-  stats = fields.field_statistics(np.stack(areas), [e["outcome"] for e in entries], k_grid, pixel_nm=cfg.pixel_nm,
+  stats = fields.field_statistics(np.stack(areas), [e["outcome"] for e in entries], k_grid, pixel_nm=pixel_nm,
                                   image_pixels=[image_pixels[e["image"]] for e in entries])
   stats.update({
       "dataset": dataset_name, "checkpoint_step": step, "num_images": len(images), "threshold": threshold,
       "steps": cfg.steps, "rule": cfg.rule, "nodes_per_interval": cfg.nodes_per_interval,
       "max_nodes": cfg.max_nodes, "baseline": cfg.baseline,
-      "crop": cfg.crop, "receptive_field_radius": radius,
+      "crop": cfg.crop, "receptive_field_radius": radius, "protocol": cfg.protocol,
+      "input_shape": list(images[0].shape), "target_grid": grid,
       "completeness": _completeness_summary(entries, cfg.tolerance)})
   outputs.write_json(out_dir / "stats.json", stats)
   outputs.write_json(out_dir / "targets.json", {"dataset": dataset_name, "k_grid": k_grid, "targets": entries})
@@ -205,7 +255,8 @@ def attribute(config, workdir: str | pathlib.Path) -> dict:
                             title=f"Attribution fields by outcome, {dataset_name}")
   overall = stats["outcomes"]["all"]
   return {
-      "dataset": dataset_name, "num_images": len(images), "num_targets": len(entries), "steps": cfg.steps,
+      "dataset": dataset_name, "protocol": cfg.protocol, "pixel_nm": pixel_nm, "num_images": len(images),
+      "num_targets": len(entries), "steps": cfg.steps,
       "rule": cfg.rule, "baseline": cfg.baseline, "receptive_field_radius": radius,
       "mean_s_k_nm2": {f"k={k:g}": mean for k, mean in zip(k_grid, overall["mean_nm2"])},
       "completeness": stats["completeness"], "output_dir": str(out_dir),
