@@ -18,7 +18,8 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from urisc_jax import checkpoint, inference, multihost, optim, outputs, postprocess, sharding, state
+from urisc_jax import (checkpoint, inference, multihost, optim, outputs, postprocess, resolution, sharding,
+                       state)
 from urisc_jax.data import sources
 from urisc_jax.data.prepare import PreparedImage
 from urisc_jax.evaluation import f1 as official
@@ -312,8 +313,24 @@ def check_writable(folder: pathlib.Path) -> None:
                           "--config.predict.output=DIR.") from e
 
 
+def input_scale_factor(config, path) -> float:
+  """How much `path` is enlarged before prediction (`resolution.scale_factor`): its pixel size,
+  config.predict.input_pixel_nm or else what the file records, over config.data.pixel_nm (the training data's).
+  1 when config.predict.match_resolution is off or either size is unknown."""
+  if not config.predict.get("match_resolution", True):
+    return 1.0
+  input_nm = config.predict.get("input_pixel_nm")
+  if input_nm is None:
+    input_nm = resolution.pixel_size_nm(path)
+  return resolution.scale_factor(input_nm, config.data.get("pixel_nm"))
+
+
 def predict_files(config, workdir: pathlib.Path) -> list[pathlib.Path]:
   """`--mode=predict`: the latest checkpoint predicts `config.predict.input` (an image or a folder of images).
+
+  An image recorded at another pixel size than the training data's (config.predict.input_pixel_nm or the file's
+  metadata against config.data.pixel_nm) is resampled to the training pixel size for prediction and its probability
+  map back to the image's grid (config.predict.match_resolution, on by default; `resolution.py`).
 
   With config.predict.on_error="skip", an image that cannot be read is skipped and listed with its error in
   <output>/prediction_errors.json; with "stop" (the default) the run stops at it, naming it and what was written.
@@ -337,7 +354,7 @@ def predict_files(config, workdir: pathlib.Path) -> list[pathlib.Path]:
     config.data.mean, config.data.std = meta["normalization"]["mean"], meta["normalization"]["std"]
   threshold = decision_threshold(config, workdir, step)
   forward = tile_forward(config, model, variables)
-  written, failed = [], []
+  written, failed, factors = [], [], {}
   for path in tqdm(paths, desc="predict", unit="image", disable=not writer):
     try:
       image = sources.read_image(path)
@@ -347,10 +364,15 @@ def predict_files(config, workdir: pathlib.Path) -> list[pathlib.Path]:
                                 f"{out_dir}; --config.predict.on_error=skip skips such images and lists them)") from e
       failed.append({"file": str(path), "error": str(e)})
       continue
-    probability = probabilities(forward, image, config.predict)
+    factor = input_scale_factor(config, path)
+    factors[path.name] = factor
+    probability = resolution.matched_probabilities(lambda gray: probabilities(forward, gray, config.predict), image,
+                                                   factor)
     if writer:
       write_outputs(out_dir, path.stem, image, probability, membrane_mask(probability, threshold, config.predict))
       written.append(out_dir / f"{path.stem}.tiff")
+  if writer and any(f != 1.0 for f in factors.values()):
+    logging.info("resampled to the training pixel size (%s nm) by factors %s", config.data.get("pixel_nm"), factors)
   if writer and failed:
     outputs.write_json(out_dir / ERROR_REPORT, {"skipped": failed, "predicted": len(written)})
     logging.warning("%d of %d images could not be read and were skipped: %s", len(failed), len(paths),
