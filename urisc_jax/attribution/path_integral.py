@@ -126,10 +126,12 @@ def _single_gradient(logit_fn: LogitFn, variables, point, row, col):
   return jax.grad(lambda p: logit_fn(variables, p[None])[0, row, col])(point)
 
 
-def _padded_targets(targets: np.ndarray) -> np.ndarray:
-  """Targets padded to a power of two by repeating the last: refining any subset of targets reuses one of
-  log2(T) + 1 compilations; the padding's results are dropped."""
+def _padded_targets(targets: np.ndarray, full: int) -> np.ndarray:
+  """A subset of a call's `full` targets padded to a power of two by repeating its last: refining any subset reuses
+  one of log2(full) + 2 compilations; the padding's results are dropped. All targets go unpadded."""
   count = len(targets)
+  if count == full:
+    return targets
   return np.concatenate([targets, np.repeat(targets[-1:], (1 << (count - 1).bit_length()) - count, axis=0)])
 
 
@@ -139,8 +141,7 @@ class _Path:
   def __init__(self, logit_fn, variables, x, baseline, targets, rule, chunk_size, vectorized):
     self.logit_fn, self.variables, self.x, self.baseline = logit_fn, variables, x, baseline
     self.targets, self.rule, self.chunk, self.vectorized = targets, rule, int(chunk_size), vectorized
-    padded = _padded_targets(targets)
-    self.rows, self.cols = jnp.asarray(padded[:, 0]), jnp.asarray(padded[:, 1])
+    self.rows, self.cols = jnp.asarray(targets[:, 0]), jnp.asarray(targets[:, 1])
     self._logits: dict[float, np.ndarray] = {}
 
   def logits(self, alphas) -> np.ndarray:
@@ -173,7 +174,7 @@ class _Path:
           sums[t_index, index] += np.float32(w) * np.asarray(
               _single_gradient(self.logit_fn, self.variables, point, int(row), int(col)))
       return sums
-    padded = _padded_targets(self.targets[subset])
+    padded = _padded_targets(self.targets[subset], len(self.targets))
     rows, cols = jnp.asarray(padded[:, 0]), jnp.asarray(padded[:, 1])
     chunk = min(self.chunk, len(alphas))
     for start in range(0, len(alphas), chunk):
