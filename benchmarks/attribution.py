@@ -27,6 +27,7 @@ from benchmarks.json_lines import emit, log
 from benchmarks.models import build_model, peak_gib
 from urisc_jax import models
 from urisc_jax.attribution import integrated_gradients as ig
+from urisc_jax.attribution import path_integral
 
 VARIANTS = ("chunked", "chunked_per_target", "loop")
 
@@ -41,7 +42,7 @@ def _chunk_peak_gib(logit_fn, variables, x, baseline, targets, chunk: int) -> fl
   """XLA's planned memory of one chunk call (the batched variants' peak)."""
   rows, cols = jnp.asarray(targets[:, 0]), jnp.asarray(targets[:, 1])
   alphas = jnp.ones((chunk,), jnp.float32)
-  chunk_fn = ig._chunk_gradient_sum  # pylint: disable=protected-access
+  chunk_fn = path_integral._point_gradients  # pylint: disable=protected-access
   lowered = chunk_fn.lower(logit_fn, variables, x, baseline, rows, cols, alphas, alphas)
   return peak_gib(lowered.compile())
 
@@ -54,7 +55,7 @@ def run_variant(variant: str, logit_fn, variables, x, baseline, targets: np.ndar
 
   def call(steps):
     return [ig.integrated_gradients(logit_fn, variables, x, baseline, group, steps=steps, rule=args.method,
-                                    chunk_size=args.chunk_size, vectorized=vectorized) for group in groups]
+                                    nodes_per_interval=steps, chunk_size=args.chunk_size, vectorized=vectorized) for group in groups]
 
   start = time.perf_counter()
   call(warm_steps)
