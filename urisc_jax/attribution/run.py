@@ -4,7 +4,9 @@ For each image of `config.attribution.split` the latest checkpoint predicts memb
 window, the run's threshold and post-processing); target pixels are drawn from its true positives, false positives
 and false negatives against the ground truth; integrated gradients attribute each target's logit to the input
 pixels (over a window holding the model's receptive field); and the attribution fields S_k summarize how much of the
-image each decision draws on.
+image each decision draws on. The integrals are refined per target until the attributions add up to
+config.attribution.tolerance (path_integral.py). config.attribution.protocol="paper" does all of this as the paper's
+code did: on images resized to 512 x 512, with targets on a 10 px grid and S_k in the resized pixels' size.
 
 Outputs under workdir/attribution/:
   stats.json            S_k statistics of the dataset over config.attribution.k_grid, overall and per outcome
