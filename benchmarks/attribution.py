@@ -27,6 +27,7 @@ from benchmarks.json_lines import emit, log
 from benchmarks.models import build_model, peak_gib
 from urisc_jax import models
 from urisc_jax.attribution import integrated_gradients as ig
+from urisc_jax.attribution import path_integral
 
 VARIANTS = ("chunked", "chunked_per_target", "loop")
 
@@ -41,7 +42,7 @@ def _chunk_peak_gib(logit_fn, variables, x, baseline, targets, chunk: int) -> fl
   """XLA's planned memory of one chunk call (the batched variants' peak)."""
   rows, cols = jnp.asarray(targets[:, 0]), jnp.asarray(targets[:, 1])
   alphas = jnp.ones((chunk,), jnp.float32)
-  chunk_fn = ig._chunk_gradient_sum  # pylint: disable=protected-access
+  chunk_fn = path_integral._point_gradients  # pylint: disable=protected-access
   lowered = chunk_fn.lower(logit_fn, variables, x, baseline, rows, cols, alphas, alphas)
   return peak_gib(lowered.compile())
 
@@ -53,8 +54,8 @@ def run_variant(variant: str, logit_fn, variables, x, baseline, targets: np.ndar
   warm_steps = 1 if variant == "loop" else min(args.chunk_size, args.steps)
 
   def call(steps):
-    return [ig.integrated_gradients(logit_fn, variables, x, baseline, group, steps=steps, method=args.method,
-                                    chunk_size=args.chunk_size, vectorized=vectorized) for group in groups]
+    return [ig.integrated_gradients(logit_fn, variables, x, baseline, group, steps=steps, rule=args.method,
+                                    nodes_per_interval=steps, chunk_size=args.chunk_size, vectorized=vectorized) for group in groups]
 
   start = time.perf_counter()
   call(warm_steps)
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=100, help="gradient evaluations per target (the paper's 100)")
   parser.add_argument("--targets", type=int, default=2, help="target pixels")
   parser.add_argument("--chunk-size", type=int, default=4, help="interpolation points per forward pass")
-  parser.add_argument("--method", default="riemann_right", choices=ig.METHODS)
+  parser.add_argument("--method", default="riemann_right", choices=ig.RULES, help="quadrature rule")
   parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
   parser.add_argument("--quick", action="store_true",
                       help="U-Net-ResNet18 at width 1/8 on 128 px, 20 steps, 4 targets, chunks of 10")

@@ -47,4 +47,5 @@ def get_config(model: dict):
   config.eval.gt_mode = "binarized"
   config.eval.two_class = True
   config.attribution.pixel_nm = 4.0
+  config.data.pixel_nm = 4.0
   return config

@@ -56,4 +56,5 @@ def get_config(model: dict, track: str):
   config.predict.batch_size = 4
   config.predict.threshold = None
   config.attribution.pixel_nm = 2.18 if track == "Track1" else 2.18 * 9958 / 1024
+  config.data.pixel_nm = config.attribution.pixel_nm
   return config

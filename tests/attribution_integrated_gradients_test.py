@@ -64,14 +64,14 @@ def _image(shape, seed=0):
   return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
-@pytest.mark.parametrize("method", ig.METHODS)
+@pytest.mark.parametrize("method", ig.RULES)
 def test_linear_model_attribution_is_input_difference_times_weight(method):
   module = LinearLogits(6, 5)
   variables = _init(module, (1, 6, 5, 2))
   rng = np.random.default_rng(1)
   x, baseline = rng.normal(size=(2, 6, 5, 2)).astype(np.float32)
   targets = np.array([[0, 0], [3, 2], [5, 4]])
-  result = ig.integrated_gradients(ig.ModelLogits(module), variables, x, baseline, targets, steps=7, method=method,
+  result = ig.integrated_gradients(ig.ModelLogits(module), variables, x, baseline, targets, steps=7, rule=method,
                                    chunk_size=3)
   kernel = np.asarray(variables["params"]["kernel"])
   expected = np.stack([(x - baseline) * kernel[..., i, j] for i, j in targets])
@@ -85,7 +85,7 @@ def test_pointwise_conv_attributes_only_the_target_pixel(method):
   variables = _init(module, (1, 8, 8, 3))
   rng = np.random.default_rng(2)
   x, baseline = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
-  result = ig.integrated_gradients(ig.ModelLogits(module), variables, x, baseline, (4, 5), steps=5, method=method)
+  result = ig.integrated_gradients(ig.ModelLogits(module), variables, x, baseline, (4, 5), steps=5, rule=method)
   weight = np.asarray(variables["params"]["Conv_0"]["kernel"])[0, 0, :, 0]
   expected = np.zeros((1, 8, 8, 3), np.float32)
   expected[0, 4, 5] = (x[4, 5] - baseline[4, 5]) * weight
@@ -95,7 +95,7 @@ def test_pointwise_conv_attributes_only_the_target_pixel(method):
 
 
 def test_quadrature_rules_integrate_polynomials_as_their_order_allows():
-  for method in ig.METHODS:
+  for method in ig.RULES:
     alphas, weights = ig.quadrature(method, 6)
     assert alphas.shape == weights.shape == (6,) and np.isclose(weights.sum(), 1.0)
     assert alphas.min() >= 0 and alphas.max() <= 1
@@ -261,3 +261,117 @@ def test_clear_errors():
     ig.integrated_gradients(logit_fn, variables, x[..., 0], x[..., 0], [(0, 0)], steps=2)
   with pytest.raises(ValueError, match="multiples of 32"):
     ig.attribute_image(logit_fn, variables, _image((40, 64)), [(0, 0)], mean=MEAN, std=STD, radius=None, steps=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quadrature accuracy against closed forms, and refinement to a completeness tolerance.
+
+class PolynomialLogits:
+  """F_t(x) = sum_p sum_i K[p - 1, i, t] x_i^p (p = 1..D): separable, so IG_t,i = sum_p K[p-1, i, t] (x_i^p - x'_i^p)
+  exactly, and along the straight path the integrand is a polynomial of degree D - 1 in a."""
+
+  def __call__(self, variables, x):
+    kernel = variables["kernel"]  # [D, H, W, C, T]
+    powers = jnp.stack([x**p for p in range(1, kernel.shape[0] + 1)], axis=1)  # [N, D, H, W, C]
+    return jnp.einsum("ndhwc,dhwct->nt", powers, kernel)[:, None, :]  # [N, 1, T]: target t at (0, t)
+
+  def __hash__(self):
+    return 0
+
+  def __eq__(self, other):
+    return isinstance(other, PolynomialLogits)
+
+
+def _polynomial(degrees, seed=0):
+  """Variables of PolynomialLogits with one target per entry of `degrees` (target t has degree degrees[t])."""
+  rng = np.random.default_rng(seed)
+  kernel = rng.normal(size=(max(degrees), 3, 3, 1, len(degrees))) / 2
+  for t, degree in enumerate(degrees):
+    kernel[degree:, ..., t] = 0
+  x, baseline = rng.uniform(-1.5, 1.5, size=(2, 3, 3, 1)).astype(np.float32)
+  exact = np.stack([sum(kernel[p - 1, ..., t] * (x.astype(np.float64)**p - baseline.astype(np.float64)**p)
+                        for p in range(1, max(degrees) + 1)) for t in range(len(degrees))])
+  targets = np.array([[0, t] for t in range(len(degrees))])
+  return {"kernel": jnp.asarray(kernel, jnp.float32)}, x, baseline, targets, exact
+
+
+@pytest.mark.parametrize("rule", ig.RULES)
+def test_linear_and_quadratic_maps_match_closed_form_ig(rule):
+  variables, x, baseline, targets, exact = _polynomial([1, 2])
+  gaps = []
+  for nodes in (2, 8, 32):
+    result = ig.integrated_gradients(PolynomialLogits(), variables, x, baseline, targets, steps=nodes,
+                                     nodes_per_interval=nodes, rule=rule, chunk_size=8)
+    np.testing.assert_allclose(result.attributions[0], exact[0], atol=2e-5)  # linear map: constant integrand
+    assert abs(result.completeness_gap[0]) < 2e-5
+    gaps.append(abs(float(result.completeness_gap[1])))
+    if rule in ("gauss_legendre", "riemann_middle", "trapezoid"):  # exact on a linear integrand
+      np.testing.assert_allclose(result.attributions[1], exact[1], atol=2e-5)
+  if rule in ("riemann_right", "riemann_left"):  # error c1 / (2n): exactly O(1/n), to zero
+    assert gaps[0] > 0.01
+    np.testing.assert_allclose(np.array(gaps) * [2, 8, 32], gaps[0] * 2, rtol=1e-3)
+  else:
+    assert max(gaps) < 2e-5
+
+
+def test_gauss_legendre_is_exact_for_integrands_of_degree_up_to_2n_minus_1():
+  # F of degree 8: the integrand has degree 7, integrated exactly by 4 Gauss-Legendre nodes, not by 3.
+  variables, x, baseline, targets, exact = _polynomial([8], seed=1)
+  errors = {}
+  for nodes in (3, 4, 6):
+    result = ig.integrated_gradients(PolynomialLogits(), variables, x, baseline, targets, steps=nodes,
+                                     nodes_per_interval=nodes, chunk_size=8)
+    errors[nodes] = np.abs(result.attributions[0] - exact[0]).max()
+  scale = np.abs(exact).max()
+  assert errors[3] > 1e-3 * scale and errors[4] < 1e-5 * scale and errors[6] < 1e-5 * scale, (errors, scale)
+
+
+def test_refinement_meets_the_tolerance_and_costs_only_the_targets_that_need_it():
+  variables, x, baseline, targets, exact = _polynomial([1, 6, 2], seed=2)
+  # Right Riemann (errs by O(1/n) on each interval, always with the sign of the integrand's slope) needs hundreds
+  # of nodes here.
+  result = ig.integrated_gradients(PolynomialLogits(), variables, x, baseline, targets, steps=4, rule="riemann_right",
+                                   tolerance=1e-2, max_nodes=4096, chunk_size=8)
+  assert result.met_tolerance.all(), result.completeness_gap
+  change = np.abs(result.logits - result.baseline_logits)
+  assert np.all(np.abs(result.completeness_gap) <= 1e-2 * np.maximum(change, 1))
+  assert result.nodes[0] == result.evaluations[0] == 4  # the linear map is exact at once
+  assert result.nodes[1] > result.nodes[2] > 4  # the higher degree needs more
+  np.testing.assert_allclose(result.attributions, exact, atol=1e-2 * np.abs(exact).max())
+  capped = ig.integrated_gradients(PolynomialLogits(), variables, x, baseline, targets, steps=4, rule="riemann_right",
+                                   tolerance=1e-2, max_nodes=8, chunk_size=8)
+  assert list(capped.met_tolerance) == [True, False, False] and capped.nodes.max() <= 8
+  one_pass = ig.integrated_gradients(PolynomialLogits(), variables, x, baseline, targets, steps=4,
+                                     rule="riemann_right", chunk_size=8)
+  assert list(one_pass.nodes) == [4, 4, 4] and one_pass.tolerance is None and one_pass.met_tolerance.all()
+
+
+def test_refinement_on_a_relu_network_meets_the_tolerance_and_equals_the_textbook_loop(small_net):
+  """A ReLU network's gradient jumps along the path; splitting the intervals with the largest local gaps meets the
+  default tolerance where the first pass does not, and the batched passes equal one jax.grad per point."""
+  logit_fn, variables = small_net
+  image = _image((32, 32), seed=6)
+  x = ig.input_window(image, mean=MEAN, std=STD)
+  baseline = ig.make_baseline("black", image, mean=MEAN, std=STD)
+  targets = np.array([[5, 5], [20, 14], [30, 30], [12, 25]])
+  first = ig.integrated_gradients(logit_fn, variables, x, baseline, targets, steps=8, chunk_size=8)
+  refined = ig.integrated_gradients(logit_fn, variables, x, baseline, targets, steps=8, tolerance=0.01,
+                                    max_nodes=512, chunk_size=8)
+  assert refined.met_tolerance.all(), refined.completeness_gap
+  assert not ig.completeness_met(first.completeness_gap, first.logits, first.baseline_logits, 0.01).all()
+  assert np.all(refined.evaluations >= refined.nodes) and refined.nodes.max() > 8
+  loop = ig.integrated_gradients(logit_fn, variables, x, baseline, targets[:2], steps=8, tolerance=0.01,
+                                 max_nodes=512, vectorized=False)
+  np.testing.assert_array_equal(loop.nodes, refined.nodes[:2])
+  np.testing.assert_allclose(loop.attributions, refined.attributions[:2], atol=1e-4 * np.abs(loop.attributions).max())
+
+
+def test_refinement_options_are_checked():
+  variables, x, baseline, targets, _ = _polynomial([1])
+  with pytest.raises(ValueError, match="max_nodes"):
+    ig.integrated_gradients(PolynomialLogits(), variables, x, baseline, targets, steps=8, tolerance=0.01, max_nodes=4)
+  with pytest.raises(ValueError, match="tolerance"):
+    ig.integrated_gradients(PolynomialLogits(), variables, x, baseline, targets, steps=8, tolerance=-1.0)
+  with pytest.raises(ValueError, match="nodes_per_interval"):
+    ig.integrated_gradients(PolynomialLogits(), variables, x, baseline, targets, steps=8, rule="trapezoid",
+                            nodes_per_interval=1)

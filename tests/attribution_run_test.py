@@ -1,6 +1,7 @@
 """--mode=attribute end to end on the tiny config, and completeness of integrated gradients on the trained model."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -36,9 +37,8 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def attributed(trained):
-  config = _config()
-  config.attribution.steps = 8
-  config.attribution.chunk_size = 4
+  config = _config()  # the default quadrature: Gauss-Legendre, refined to the default tolerance
+  config.attribution.chunk_size = 8
   config.attribution.num_targets = 2
   config.attribution.targets_per_pass = 6  # one pass for the image's (up to) 6 targets: one compilation
   config.attribution.crop = "none"  # the tiny model's receptive field covers the whole 192 x 160 image anyway
@@ -61,7 +61,8 @@ def test_completeness_gap_on_the_trained_model_shrinks_with_steps_below_one_perc
   logits = np.asarray(logit_fn(variables, np.stack([x, baseline])))
   change = np.abs(logits[0] - logits[1])
   targets = np.stack(np.unravel_index(np.argsort(change, axis=None)[-2:], change.shape), axis=1)
-  results = {steps: ig.integrated_gradients(logit_fn, variables, x, baseline, targets, steps=steps, chunk_size=10)
+  results = {steps: ig.integrated_gradients(logit_fn, variables, x, baseline, targets, steps=steps, chunk_size=10,
+                                            rule="riemann_right")
              for steps in (10, 50, 300)}
   mean_gap = [np.abs(results[s].completeness_gap).mean() for s in (10, 50, 300)]
   assert mean_gap[0] > mean_gap[1] > mean_gap[2], mean_gap
@@ -78,19 +79,34 @@ def test_attribute_writes_stats_targets_and_figures(attributed, trained):
   entries = listing["targets"]
   assert summary["num_targets"] == len(entries) == stats["outcomes"]["all"]["n"] > 0
   assert stats["dataset"] == listing["dataset"] == "synthetic:Track1/test"
-  assert stats["k_grid"] == listing["k_grid"] == [0.01, 0.1, 0.5] and stats["steps"] == 8
+  assert stats["k_grid"] == listing["k_grid"] == [0.01, 0.1, 0.5] and stats["rule"] == "gauss_legendre"
   assert sum(stats["outcomes"][o]["n"] for o in fields.OUTCOMES if o in stats["outcomes"]) == len(entries)
   for name in ("figure7b_sk.png", *sorted({f"figure8_{e['image']}.png" for e in entries})):
     with Image.open(out / name) as png:
       assert png.format == "PNG" and png.width > 0
   for key in ("image", "y", "x", "outcome", "logit", "baseline_logit", "completeness_gap", "completeness_gap_rel",
-              "s_k_nm2"):
+              "nodes", "gradient_evaluations", "met_tolerance", "s_k_nm2"):
     assert all(key in e for e in entries), key
   assert all(np.all(np.diff(e["s_k_nm2"]) <= 0) for e in entries)  # fewer pixels pass a higher level
   pixels = np.array([e["s_k_nm2"] for e in entries]) / 2.18**2  # S_k = pixel count x (2.18 nm)^2
   np.testing.assert_allclose(pixels, np.round(pixels), atol=1e-6)
   np.testing.assert_allclose(summary["mean_s_k_nm2"]["k=0.01"], np.mean([e["s_k_nm2"][0] for e in entries]))
   assert summary["completeness"]["max_abs_gap"] == max(abs(e["completeness_gap"]) for e in entries)
+
+
+def test_every_target_of_the_default_run_meets_the_completeness_tolerance(attributed, trained):
+  config, summary = attributed
+  stats = json.loads((trained / "attribution" / "stats.json").read_text())
+  entries = json.loads((trained / "attribution" / "targets.json").read_text())["targets"]
+  completeness = stats["completeness"]
+  assert completeness["tolerance"] == config.attribution.tolerance == 0.01
+  assert completeness["met_tolerance"] == completeness["num_targets"] == len(entries) > 0
+  for e in entries:  # recomputed from the recorded numbers
+    assert e["met_tolerance"]
+    assert abs(e["completeness_gap"]) <= 0.01 * max(abs(e["logit"] - e["baseline_logit"]), 1.0) + 1e-6
+    assert config.attribution.steps <= e["nodes"] <= config.attribution.max_nodes <= 512
+    assert e["gradient_evaluations"] >= e["nodes"]
+  assert completeness["nodes"]["max"] == max(e["nodes"] for e in entries)
 
 
 def test_targets_are_sampled_by_outcome_against_the_annotation(attributed, trained):
@@ -104,6 +120,30 @@ def test_targets_are_sampled_by_outcome_against_the_annotation(attributed, train
     assert fields.outcome_masks(np.array([[predicted]]), truth[e["y"], e["x"]][None, None])[e["outcome"]][0, 0]
   counts = {o: sum(e["outcome"] == o for e in entries) for o in fields.OUTCOMES}
   assert all(n <= config.attribution.num_targets for n in counts.values()) and counts["tp"] + counts["fn"] > 0
+
+
+def test_paper_protocol_resizes_draws_targets_on_its_grid_and_scales_the_pixel_size(trained, tmp_path):
+  config = _config()
+  config.attribution.protocol = "paper"
+  config.attribution.paper_size = 64  # the paper's 512, scaled to the tiny images (192 x 160)
+  config.attribution.paper_grid = 10
+  config.attribution.num_targets = 1
+  config.attribution.max_nodes = config.attribution.steps  # one pass: this test is about the protocol
+  config.attribution.crop = "none"
+  config.attribution.k_grid = (0.01, 0.1)
+  workdir = tmp_path / "run"  # a copy: the other tests read the native run's attribution/
+  shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("attribution"))
+  summary = run.attribute(config, workdir)
+  stats = json.loads((workdir / "attribution" / "stats.json").read_text())
+  entries = json.loads((workdir / "attribution" / "targets.json").read_text())["targets"]
+  pixel_nm = 2.18 * np.sqrt(192 * 160) / 64
+  assert stats["protocol"] == summary["protocol"] == "paper" and stats["input_shape"] == [64, 64]
+  np.testing.assert_allclose([stats["pixel_nm"], summary["pixel_nm"]], pixel_nm)
+  assert entries and all(e["y"] % 10 == 0 and e["x"] % 10 == 0 and e["y"] < 64 and e["x"] < 64 for e in entries)
+  assert all(e["window"]["height"] == e["window"]["width"] == 64 for e in entries)
+  pixels = np.array([e["s_k_nm2"] for e in entries]) / pixel_nm**2  # whole resized pixels
+  np.testing.assert_allclose(pixels, np.round(pixels), atol=1e-6)
+  assert pixels.max() <= 64 * 64
 
 
 def test_attribute_needs_a_trained_run_and_a_valid_config(tmp_path, trained):

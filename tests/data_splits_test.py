@@ -88,3 +88,38 @@ def test_holdout_images_is_disjoint_complete_ordered_and_seeded():
 def test_images_mode_makes_no_patches():
   config = ml_collections.ConfigDict(dict(mode="images", stride=0, num_train=0, num_val=0, val_fraction=0.25))
   assert splits.patch_split(config, [(96, 96)], crop_size=32, seed=3) is None
+
+
+def test_the_patch_config_cuts_19_by_19_patches_per_image_and_keeps_train_and_validation_apart():
+  """configs/urisc_track1_unet_r50_patch.py: 1024 px patches at stride 512 over 9958 x 9959 images."""
+  from configs import urisc_track1_unet_r50_patch  # pylint: disable=g-import-not-at-top
+  config = urisc_track1_unet_r50_patch.get_config()
+  assert config.data.split.mode == "patch" and config.data.val_split == ""
+  shapes = [URISC_TRACK1] * 20
+  grid = splits.grid_patches(shapes, patch_size=config.data.crop_size, stride=config.data.split.stride)
+  assert len(grid) == 19 * 19 * 20 and np.all(np.bincount(grid[:, 0]) == 19 * 19)
+  train, val = splits.patch_split(config.data.split, shapes, crop_size=config.data.crop_size, seed=config.seed)
+  assert len(val) == round(2 / 7 * len(grid)) == 2063 and len(train) + len(val) == len(grid)
+  assert not _rows(train) & _rows(val)  # no patch is in both
+  overlap = splits.overlap_pixels(train, val, patch_size=1024, shapes=shapes)
+  share = overlap["shared_pixels"] / overlap["val_pixels"]
+  print(f"validation patches cover {overlap['val_pixels']} px, {100 * share:.2f} % of them inside a training patch")
+  assert 0.95 < share <= 1.0  # half-overlapping neighbours: the validation pixels were trained on
+
+
+def test_overlap_pixels_equals_a_pixel_mask():
+  shapes = [(100, 90), (64, 80)]
+  train, val = splits.patch_split(ml_collections.ConfigDict(dict(mode="patch", stride=12, num_train=0, num_val=0,
+                                                                 val_fraction=0.4)), shapes, crop_size=32, seed=5)
+  val_pixels = shared = 0
+  for index, shape in enumerate(shapes):
+    masks = {}
+    for name, patches in (("train", train), ("val", val)):
+      masks[name] = np.zeros(shape, bool)
+      for _, row, col in patches[patches[:, 0] == index]:
+        masks[name][row:row + 32, col:col + 32] = True
+    val_pixels += int(masks["val"].sum())
+    shared += int((masks["val"] & masks["train"]).sum())
+  assert splits.overlap_pixels(train, val, patch_size=32, shapes=shapes) == {"val_pixels": val_pixels,
+                                                                             "shared_pixels": shared}
+  assert 0 < shared < val_pixels

@@ -167,7 +167,8 @@ def test_criteria_mode_compares_prepared_test_images_with_downsampled_versions(t
 
 
 def test_attribute_mode_writes_statistics_with_completeness_gaps(tiny_run):
-  _main(tiny_run, "--mode=attribute", "--config.attribution.steps=16", "--config.attribution.num_targets=1")
+  _main(tiny_run, "--mode=attribute", "--config.attribution.steps=16", "--config.attribution.max_nodes=16",
+        "--config.attribution.num_targets=1")
   targets = json.loads((tiny_run / "attribution" / "targets.json").read_text())
   entries = targets if isinstance(targets, list) else targets["targets"]
   assert entries and all("completeness_gap" in e and "completeness_gap_rel" in e for e in entries)

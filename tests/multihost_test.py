@@ -181,7 +181,8 @@ def test_predict_and_attribute_run_on_two_processes(runs, tmp_path):
     np.testing.assert_allclose(two, one, atol=1e-5)
     assert np.mean(official.read_gray8(tmp_path / "two" / f"{image.stem}.tiff")
                    == official.read_gray8(tmp_path / "one" / f"{image.stem}.tiff")) > 0.999
-  _run(double, "--mode=attribute", "--config.attribution.steps=8", "--config.attribution.num_targets=2")
+  _run(double, "--mode=attribute", "--config.attribution.steps=8", "--config.attribution.max_nodes=8",
+       "--config.attribution.num_targets=2")
   targets = json.loads((double / "attribution" / "targets.json").read_text())["targets"]
   assert targets and len({(t["image"], t["y"], t["x"]) for t in targets}) == len(targets)
   assert all(np.isfinite(t["completeness_gap"]) for t in targets)

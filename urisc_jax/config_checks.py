@@ -30,6 +30,9 @@ EXPORT_FORMATS = ("onnx", "torch", "bioimageio", "stablehlo")
 MEMBRANE_CHOICES = ("black", "white")
 BLEND_CHOICES = ("gaussian", "constant")
 VOLUME_DTYPES = ("uint8", "float16")
+# The quadrature rules of attribution/integrated_gradients.py (kept here: importing it would load Flax).
+ATTRIBUTION_RULES = ("gauss_legendre", "riemann_right", "riemann_left", "riemann_middle", "trapezoid")
+ATTRIBUTION_PROTOCOLS = ("native", "paper")
 SMALLEST_WIDTH = 1 / 64  # the 64-channel stem keeps at least one channel
 
 
@@ -191,6 +194,10 @@ def validate(config, mode: str) -> None:
     problems.choice("predict.tta", TTA_CHOICES)
     problems.choice("predict.blend", BLEND_CHOICES)
     problems.choice("predict.on_error", ON_ERROR_CHOICES)
+    problems.require("predict.input_pixel_nm", lambda v: v is None or (_is_number(v) and v > 0),
+                     "unset (read from the file, else the training data's) or a positive pixel size in nm")
+    problems.require("data.pixel_nm", lambda v: v is None or (_is_number(v) and v > 0),
+                     "unset (unknown: no resolution matching) or a positive pixel size in nm")
     problems.require("predict.threshold", lambda v: v is None or (_is_number(v) and 0 < v < 1),
                      "unset (chosen on validation images) or a probability in (0, 1)")
     if mode == "predict" and "volume" in config.predict:
@@ -210,9 +217,21 @@ def validate(config, mode: str) -> None:
 
   if "attribution" in sections:
     for key in ("attribution.steps", "attribution.num_targets", "attribution.chunk_size",
-                "attribution.targets_per_pass"):
+                "attribution.targets_per_pass", "attribution.nodes_per_interval"):
       problems.integer(key, 1)
     problems.integer("attribution.border", 0)
+    problems.choice("attribution.rule", ATTRIBUTION_RULES)
+    problems.choice("attribution.protocol", ATTRIBUTION_PROTOCOLS)
+    paper_size = problems.integer("attribution.paper_size", 32)
+    if paper_size and paper_size % 32:
+      problems.lines.append(f"config.attribution.paper_size={paper_size}: must be a multiple of 32, the models' "
+                            "input multiple")
+    problems.integer("attribution.paper_grid", 1)
+    problems.require("attribution.tolerance", lambda v: v is None or (_is_number(v) and v >= 0),
+                     "unset (one pass of attribution.steps nodes) or a number >= 0")
+    steps, cap = problems.value("attribution.steps"), problems.integer("attribution.max_nodes", 1)
+    if cap is not None and _is_int(steps) and cap < steps:
+      problems.lines.append(f"config.attribution.max_nodes={cap}: must be >= config.attribution.steps={steps}")
     problems.require("attribution.pixel_nm", lambda v: _is_number(v) and v > 0, "a positive pixel size in nm")
 
   if problems.lines:

@@ -18,10 +18,12 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from urisc_jax import checkpoint, inference, multihost, optim, outputs, postprocess, sharding, state
+from urisc_jax import (checkpoint, inference, multihost, optim, outputs, postprocess, resolution, sharding,
+                       state)
 from urisc_jax.data import sources
 from urisc_jax.data.prepare import PreparedImage
 from urisc_jax.evaluation import f1 as official
+from urisc_jax.evaluation import ground_truth as gt_lib
 from urisc_jax.evaluation import threshold as thresholds
 
 THRESHOLD_CANDIDATES = np.round(np.arange(0.02, 0.99, 0.02), 2)
@@ -87,14 +89,18 @@ def membrane_mask(probability: np.ndarray, threshold: float, predict_config) -> 
   return postprocess.postprocess(membrane, options) if postprocess.is_enabled(options) else membrane
 
 
-def ground_truth(image: PreparedImage) -> np.ndarray:
-  """The ground truth the official scorer sees, uint8 [H, W], black = membrane: `PreparedImage.official_label`.
+def ground_truth(image: PreparedImage, config=None) -> np.ndarray:
+  """The ground truth the official scorer sees, uint8 [H, W], black = membrane.
 
-  For a binary label file in the official polarity that is the file byte for byte; a label that needed another
-  polarity or a threshold to decode comes back binarized in the official polarity. Works for every source (files,
-  slices of TIFF stacks, TFDS records).
+  Without a config: `PreparedImage.official_label` (for a binary label file in the official polarity, the file byte
+  for byte; a label that needed another polarity or a threshold comes back binarized). With the run's config: what
+  `config.eval.gt_mode` scores (`evaluation.ground_truth.scored_ground_truth`): a thresholded label (Track 2) as
+  released for "official", so that the name in metrics.json is true.
   """
-  return np.asarray(image.official_label())
+  if config is None:
+    return np.asarray(image.official_label())
+  return gt_lib.scored_ground_truth(image, gt_mode=config.eval.gt_mode, label_threshold=config.data.label_threshold,
+                                    membrane=config.data.membrane)
 
 
 def f1_per_threshold(probability: np.ndarray, gt: np.ndarray, predict_config, *, gt_mode: str,
@@ -135,7 +141,8 @@ def choose_threshold(forward, images: list[PreparedImage], config, *, local_forw
       continue
     probability = probabilities(local_forward if alone else forward, np.asarray(im.image()), config.predict)
     if mine:
-      curves[i] = f1_per_threshold(probability, ground_truth(im), config.predict, gt_mode=config.eval.gt_mode)
+      curves[i] = f1_per_threshold(probability, ground_truth(im, config), config.predict,
+                                     gt_mode=config.eval.gt_mode)
     del probability
   curves = {i: curve for share in multihost.gather_objects(curves) for i, curve in share.items()}
   mean_f1 = np.mean([curves[i] for i in range(len(images))], axis=0)
@@ -145,21 +152,64 @@ def choose_threshold(forward, images: list[PreparedImage], config, *, local_forw
           "postprocess": postprocess.options_from(config.predict.get("postprocess"))}
 
 
-def intensity_baseline(train_images: list[PreparedImage], test_images: list[PreparedImage], *,
-                       gt_mode: str) -> dict:
+def choose_threshold_on_patches(forward, images: list[PreparedImage], patches: np.ndarray, crop_size: int,
+                                config) -> dict:
+  """The threshold that maximises the mean official F1 over validation patches of the training images (the paper's
+  split, config.data.split.mode="patch").
+
+  Each image that holds validation patches is predicted whole (sliding window, as at test time), and every patch is
+  scored on its own window of the probability map, so that a patch's prediction sees the same context as the image's.
+  Every process predicts every image together (`forward` spans all hosts) and scores all patches alike.
+
+  Args:
+    forward: the tile forward over all devices.
+    images: the training images the patches index.
+    patches: int [N, 3] (image, row, col) from `pipeline.val_patches`.
+    crop_size: the patch side.
+    config: the run config (predict and eval settings).
+
+  Returns:
+    {"threshold", "val_f1" (mean over patches), "val_patches" (how many), "val_images" (names of the images they
+    come from), "postprocess"}.
+  """
+  if not len(patches):
+    raise ValueError("choose_threshold_on_patches needs at least one validation patch; raise "
+                     "config.data.split.val_fraction or num_val, or set config.predict.threshold.")
+  total = np.zeros(len(THRESHOLD_CANDIDATES))
+  names = []
+  for index in tqdm(np.unique(patches[:, 0]), desc="validate", unit="image", leave=False,
+                    disable=not multihost.is_writer()):
+    im = images[int(index)]
+    names.append(im.name)
+    probability = probabilities(forward, np.asarray(im.image()), config.predict)
+    gt = ground_truth(im, config)
+    for _, row, col in patches[patches[:, 0] == index]:
+      window = np.s_[row:row + crop_size, col:col + crop_size]
+      total += f1_per_threshold(probability[window], np.ascontiguousarray(gt[window]), config.predict,
+                                gt_mode=config.eval.gt_mode)
+    del probability
+  mean_f1 = total / len(patches)
+  best = int(np.argmax(mean_f1))
+  return {"threshold": float(THRESHOLD_CANDIDATES[best]), "val_f1": float(mean_f1[best]),
+          "val_patches": int(len(patches)), "val_images": names,
+          "postprocess": postprocess.options_from(config.predict.get("postprocess"))}
+
+
+def intensity_baseline(train_images: list[PreparedImage], test_images: list[PreparedImage], config) -> dict:
   """The best global intensity threshold (membrane = gray <= t) chosen on the training images, scored on the test
   images: what a network has to beat."""
 
   def darkness(im):  # Higher = darker = more membrane-like, as the threshold sweep expects.
     return 255 - np.asarray(im.image(), np.int16)
 
+  gt_mode = config.eval.gt_mode
   candidates = np.arange(256)  # darkness >= c  <=>  gray <= 255 - c
   level, train_f1 = thresholds.select_threshold([darkness(im) for im in train_images],
-                                                [ground_truth(im) for im in train_images],
+                                                [ground_truth(im, config) for im in train_images],
                                                 candidates, gt_mode=gt_mode)
   gray_threshold = 255 - int(level)
   per_image = [score_submission(inference.submission(np.asarray(im.image()) <= gray_threshold),
-                                ground_truth(im), gt_mode=gt_mode) for im in test_images]
+                                ground_truth(im, config), gt_mode=gt_mode) for im in test_images]
   mean, sem = official.mean_and_sem([r["f1"] for r in per_image])
   return {"gray_threshold": gray_threshold, "train_f1": train_f1, "f1": mean, "f1_sem": sem,
           "precision": float(np.mean([r["precision"] for r in per_image])),
@@ -197,7 +247,7 @@ def predict_and_score(forward, images: list[PreparedImage], config, *, threshold
     if not writer:
       continue
     membrane = membrane_mask(probability, threshold, config.predict)
-    gt = ground_truth(im)
+    gt = ground_truth(im, config)
     write_outputs(out_dir, im.name, image, probability, membrane, gt < 255)
     scores = score_submission(official.read_gray8(out_dir / f"{im.name}.tiff"), gt, gt_mode=config.eval.gt_mode)
     per_image.append({"name": im.name, **scores})
@@ -263,8 +313,24 @@ def check_writable(folder: pathlib.Path) -> None:
                           "--config.predict.output=DIR.") from e
 
 
+def input_scale_factor(config, path) -> float:
+  """How much `path` is enlarged before prediction (`resolution.scale_factor`): its pixel size,
+  config.predict.input_pixel_nm or else what the file records, over config.data.pixel_nm (the training data's).
+  1 when config.predict.match_resolution is off or either size is unknown."""
+  if not config.predict.get("match_resolution", True):
+    return 1.0
+  input_nm = config.predict.get("input_pixel_nm")
+  if input_nm is None:
+    input_nm = resolution.pixel_size_nm(path)
+  return resolution.scale_factor(input_nm, config.data.get("pixel_nm"))
+
+
 def predict_files(config, workdir: pathlib.Path) -> list[pathlib.Path]:
   """`--mode=predict`: the latest checkpoint predicts `config.predict.input` (an image or a folder of images).
+
+  An image recorded at another pixel size than the training data's (config.predict.input_pixel_nm or the file's
+  metadata against config.data.pixel_nm) is resampled to the training pixel size for prediction and its probability
+  map back to the image's grid (config.predict.match_resolution, on by default; `resolution.py`).
 
   With config.predict.on_error="skip", an image that cannot be read is skipped and listed with its error in
   <output>/prediction_errors.json; with "stop" (the default) the run stops at it, naming it and what was written.
@@ -288,7 +354,7 @@ def predict_files(config, workdir: pathlib.Path) -> list[pathlib.Path]:
     config.data.mean, config.data.std = meta["normalization"]["mean"], meta["normalization"]["std"]
   threshold = decision_threshold(config, workdir, step)
   forward = tile_forward(config, model, variables)
-  written, failed = [], []
+  written, failed, factors = [], [], {}
   for path in tqdm(paths, desc="predict", unit="image", disable=not writer):
     try:
       image = sources.read_image(path)
@@ -298,10 +364,15 @@ def predict_files(config, workdir: pathlib.Path) -> list[pathlib.Path]:
                                 f"{out_dir}; --config.predict.on_error=skip skips such images and lists them)") from e
       failed.append({"file": str(path), "error": str(e)})
       continue
-    probability = probabilities(forward, image, config.predict)
+    factor = input_scale_factor(config, path)
+    factors[path.name] = factor
+    probability = resolution.matched_probabilities(lambda gray: probabilities(forward, gray, config.predict), image,
+                                                   factor)
     if writer:
       write_outputs(out_dir, path.stem, image, probability, membrane_mask(probability, threshold, config.predict))
       written.append(out_dir / f"{path.stem}.tiff")
+  if writer and any(f != 1.0 for f in factors.values()):
+    logging.info("resampled to the training pixel size (%s nm) by factors %s", config.data.get("pixel_nm"), factors)
   if writer and failed:
     outputs.write_json(out_dir / ERROR_REPORT, {"skipped": failed, "predicted": len(written)})
     logging.warning("%d of %d images could not be read and were skipped: %s", len(failed), len(paths),

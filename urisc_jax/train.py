@@ -6,6 +6,7 @@ for the global batch, BatchNorm statistics and gradients are those of the whole 
 all-reduces). The loop restores the latest checkpoint (model, optimizer, step and data iterator) before it starts.
 """
 
+import dataclasses
 import pathlib
 import time
 
@@ -20,7 +21,7 @@ from urisc_jax import checkpoint, losses, models, multihost, optim, outputs, pre
 from urisc_jax.data import dataset, pipeline
 from urisc_jax.data.normalize import normalize
 from urisc_jax.data.prepare import PreparedImage
-from urisc_jax.evaluation import report, two_class
+from urisc_jax.evaluation import ground_truth, report, two_class
 from urisc_jax.state import TrainState, build_model, create_state, load_pretrained_encoder
 
 
@@ -91,14 +92,30 @@ def _config_normalization(config) -> dict[str, float]:
   return {"mean": float(config.data.mean), "std": float(config.data.std)}
 
 
-def validate(config, binders, state: TrainState, val_images: list[PreparedImage]) -> dict:
+@dataclasses.dataclass(frozen=True)
+class PatchValidation:
+  """The paper's validation set: patches of the training images that training never draws (split.mode="patch")."""
+  images: list[PreparedImage]
+  patches: np.ndarray  # int [N, 3] (image, row, col)
+
+
+def validation_set(config, train_images: list[PreparedImage],
+                   val_images: list[PreparedImage] | None) -> "list[PreparedImage] | PatchValidation | None":
+  """What validation scores: the validation patches in patch mode, else the validation images (None or [] = none)."""
+  patches = pipeline.val_patches(config.data, train_images, seed=config.seed)
+  if patches is None:
+    return val_images
+  return PatchValidation(train_images, patches)
+
+
+def validate(config, binders, state: TrainState, val_images: "list[PreparedImage] | PatchValidation") -> dict:
   """Official-scorer F1 of the current state on the validation images at the threshold that maximizes it there.
 
   Args:
     config: the run config (its predict and eval settings are used).
     binders: `prediction_binders(config, model)`, compiled once for every validation of a run.
     state: the state to score.
-    val_images: prepared, labelled validation images.
+    val_images: prepared, labelled validation images, or the validation patches of the training images.
 
   Returns:
     {"threshold", "val_f1", "val_images", "postprocess"} as `predict.choose_threshold` gives them; in a multi-host
@@ -107,6 +124,9 @@ def validate(config, binders, state: TrainState, val_images: list[PreparedImage]
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   bind_global, bind_local = binders
   forward = bind_global(variables)
+  if isinstance(val_images, PatchValidation):
+    return multihost.broadcast_object(predict.choose_threshold_on_patches(
+        forward, val_images.images, val_images.patches, config.data.crop_size, config))
   local_forward = bind_local(variables) if bind_local else None
   return multihost.broadcast_object(predict.choose_threshold(forward, val_images, config, local_forward=local_forward))
 
@@ -128,7 +148,7 @@ def check_transfer(config) -> None:
 
 
 def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage],
-          val_images: list[PreparedImage] | None = None, *, progress: bool = True) -> tuple[nn.Module, TrainState, dict]:
+          val_images: "list[PreparedImage] | PatchValidation | None" = None, *, progress: bool = True) -> tuple[nn.Module, TrainState, dict]:
   """Trains for `config.train.num_steps` steps, resuming from `workdir/checkpoints` when a checkpoint exists.
 
   Every `config.train.eval_every` steps (and at the last step) the state is scored on `val_images` with the official
@@ -139,7 +159,8 @@ def train(config, workdir: str | pathlib.Path, train_images: list[PreparedImage]
     config: the full run config.
     workdir: run folder; receives checkpoints/, checkpoints_best/, metrics.jsonl, tensorboard/ and loss_curve.png.
     train_images: prepared, labelled training images.
-    val_images: prepared, labelled validation images; None or [] skips validation during training.
+    val_images: prepared, labelled validation images, or the validation patches of the training images
+      (`validation_set`); None or [] skips validation during training.
     progress: show a progress bar.
 
   Returns:
@@ -285,7 +306,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
       lambda: {name: dataset.prepared_split(config.data, workdir, getattr(config.data, f"{name}_split"),
                                             progress=multihost.is_writer())
                for name in ("train", "val", "test")}, "prepare data")
-  model, state, train_summary = train(config, workdir, splits["train"], splits["val"])
+  validation_data = validation_set(config, splits["train"], splits["val"])
+  model, state, train_summary = train(config, workdir, splits["train"], validation_data)
   # Predict with the normalization the model was trained with (a transfer checkpoint may have set it).
   config.data.mean, config.data.std = train_summary["normalization"]["mean"], train_summary["normalization"]["std"]
   # Every process predicts (each computes its share of every batch of tiles); process 0 writes and scores.
@@ -297,8 +319,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
     chosen = {"threshold": float(config.predict.threshold), "val_f1": None, "val_images": []}
   elif last_validation and last_validation["step"] == step:  # Validated at the last step while training.
     chosen = {k: v for k, v in last_validation.items() if k != "step"}
-  elif splits["val"]:
-    chosen = validate(config, binders, state, splits["val"])
+  elif validation_data:
+    chosen = validate(config, binders, state, validation_data)
   else:
     chosen = {"threshold": 0.5, "val_f1": None, "val_images": []}
   test = predict.predict_and_score(forward, splits["test"], config, threshold=chosen["threshold"],
@@ -306,7 +328,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   if not multihost.is_writer():
     return {}
   outputs.write_json(workdir / predict.THRESHOLD_FILE, {"step": step, **chosen})
-  baseline = predict.intensity_baseline(splits["train"], splits["test"], gt_mode=config.eval.gt_mode)
+  baseline = predict.intensity_baseline(splits["train"], splits["test"], config)
   if splits["test"]:
     first = workdir / "predictions" / "overlays" / f"{splits['test'][0].name}.png"
     (workdir / "overlay.png").write_bytes(first.read_bytes())
@@ -315,7 +337,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> dict:
   metrics = {
       "f1": test["f1"], "f1_sem": test["f1_sem"], "precision": test["precision"], "recall": test["recall"],
       "baseline_f1": baseline["f1"], "baseline_f1_sem": baseline["f1_sem"], "baseline": baseline,
-      "threshold": chosen["threshold"], "val_f1": chosen["val_f1"], "gt_mode": config.eval.gt_mode,
+      "threshold": chosen["threshold"], "val_f1": chosen["val_f1"],
+      # Validation patches of the training images (split.mode="patch"); None when validation is by image.
+      "val_patches": chosen.get("val_patches"),
+      # What the scorer saw: "official" (labels as released) or "binarized@122" (evaluation/ground_truth.py).
+      "gt_mode": ground_truth.describe(config.eval.gt_mode),
       # Submissions the official scorer refused (scored 0), e.g. ISBI-like membrane fractions; see two_class.
       "rejected_by_official_scorer": sum("rejected" in row for row in test["per_image"]),
       "per_image": test["per_image"], "two_class": test.get("two_class"), "step": step, "train": train_summary,

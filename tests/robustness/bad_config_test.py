@@ -50,6 +50,8 @@ CASES = [
     ("predict", {"predict.on_error": "ignore"}, "config.predict.on_error='ignore': must be one of 'stop', 'skip'"),
     ("predict", {"predict.threshold": 1.5}, "config.predict.threshold=1.5: must be unset"),
     ("predict", {"predict.halo": -1}, "config.predict.halo=-1: must be unset (blended tiles) or an integer >= 0"),
+    ("predict", {"predict.input_pixel_nm": -4.0}, "config.predict.input_pixel_nm=-4.0: must be unset"),
+    ("predict", {"data.pixel_nm": 0.0}, "config.data.pixel_nm=0.0: must be unset (unknown"),
     ("predict", {"predict.batch_size": 0}, "config.predict.batch_size=0: must be an integer >= 1"),
     ("predict", {"predict.volume.block": 1000}, "config.predict.volume.block=1000: must be a multiple of"),
     ("predict", {"predict.volume.chunk": 0}, "config.predict.volume.chunk=0: must be an integer >= 1"),
@@ -64,6 +66,13 @@ CASES = [
     ("export", {"export.sample_size": 100}, "config.export.sample_size=100: must be a multiple of 32"),
     ("export", {"export.checkpoint": ""}, "config.export.checkpoint='': must be 'best', 'latest' or a checkpoint"),
     ("attribute", {"attribution.steps": 0}, "config.attribution.steps=0: must be an integer >= 1"),
+    ("attribute", {"attribution.rule": "simpson"}, "config.attribution.rule='simpson': must be one of 'gauss_legendre'"),
+    ("attribute", {"attribution.tolerance": -0.01}, "config.attribution.tolerance=-0.01: must be unset"),
+    ("attribute", {"attribution.max_nodes": 16}, "config.attribution.max_nodes=16: must be >= config.attribution.steps=32"),
+    ("attribute", {"attribution.max_nodes": 0}, "config.attribution.max_nodes=0: must be an integer >= 1"),
+    ("attribute", {"attribution.protocol": "resized"}, "config.attribution.protocol='resized': must be one of 'native'"),
+    ("attribute", {"attribution.paper_size": 500}, "config.attribution.paper_size=500: must be a multiple of 32"),
+    ("attribute", {"attribution.paper_grid": 0}, "config.attribution.paper_grid=0: must be an integer >= 1"),
     ("attribute", {"attribution.pixel_nm": 0.0}, "config.attribution.pixel_nm=0.0: must be a positive pixel size"),
 ]
 

@@ -40,7 +40,8 @@ def outcome_masks(predicted: np.ndarray, truth: np.ndarray) -> dict[str, np.ndar
 
 
 def sample_targets(predicted: np.ndarray, truth: np.ndarray, num_per_outcome: int, *,
-                   seed: int | Sequence[int] = 0, border: int = 0, outcomes: Sequence[str] = OUTCOMES) -> list[Target]:
+                   seed: int | Sequence[int] = 0, border: int = 0, outcomes: Sequence[str] = OUTCOMES,
+                   grid: int = 1) -> list[Target]:
   """Target pixels drawn uniformly, without replacement, from each outcome of a prediction.
 
   Args:
@@ -51,6 +52,7 @@ def sample_targets(predicted: np.ndarray, truth: np.ndarray, num_per_outcome: in
       asking for another outcome changes no other.
     border: pixels closer than this to the image border are never drawn.
     outcomes: which outcomes, from OUTCOMES.
+    grid: only pixels whose row and column are multiples of `grid` are drawn (the paper's protocol: 10 px).
 
   Returns:
     Targets grouped by outcome in the order of `outcomes`.
@@ -62,6 +64,10 @@ def sample_targets(predicted: np.ndarray, truth: np.ndarray, num_per_outcome: in
   height, width = np.shape(predicted)
   inner = np.zeros((height, width), bool)
   inner[border:height - border, border:width - border] = True
+  if grid > 1:
+    on_grid = np.zeros_like(inner)
+    on_grid[::grid, ::grid] = True
+    inner &= on_grid
   targets = []
   for outcome in outcomes:
     candidates = np.flatnonzero(masks[outcome] & inner)

@@ -9,16 +9,13 @@ with the nodes a_k and weights w_k of a quadrature rule (`quadrature`). Complete
 F_t(x'); what is left of it, sum(IG) - (F_t(x) - F_t(x')), is the integration error, which every `Attribution`
 carries (Captum calls it the convergence delta).
 
-How the work is batched, and why:
-* Interpolation points go through the model as one batch of `chunk_size` (one forward and one backward pass per
-  chunk), chunk after chunk, so memory is that of one chunk whatever the number of steps, and one compilation
-  serves any number of steps.
-* Targets share the forward pass: `jax.jacrev` of the vector of quadrature-weighted target logits with respect to a
-  shift of the chunk's inputs runs the forward once and vmaps the backward pass over the T one-hot cotangents. One
-  `jax.grad` per target would redo the forward T times, and summing the targets' logits into one scalar (one
-  backward) would mix their attributions, because a U-Net's receptive fields overlap.
-* `vectorized=False` is the textbook loop: one `jax.grad` per target and interpolation point, the reference that
-  tests and the benchmark compare against.
+The integral is a composite quadrature rule (Gauss-Legendre by default) that `path_integral.path_gradients` refines
+per target, only where the integrand needs it, until |sum(IG) - (F(x) - F(x'))| <= tolerance * max(|F(x) - F(x')|,
+1) or a node cap; every `Attribution` records each target's node count.
+
+How the work is batched (see path_integral.py): path points go through the model in chunks of `chunk_size` (one
+forward and one backward pass per chunk), targets share the forward pass (`jax.jacrev` over one-hot target
+cotangents), and `vectorized=False` is the textbook loop, one `jax.grad` per target and point.
 
 A U-RISC image (9958 x 9959 px) is far larger than any target can see, so `attribute_image` can cut, per target, a
 window that holds the model's whole receptive field (`receptive_field_crop`, with the radius that
@@ -27,8 +24,7 @@ at a fraction of the cost.
 """
 
 import dataclasses
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -37,13 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
 
-METHODS = ("riemann_right", "riemann_left", "riemann_middle", "trapezoid", "gauss_legendre")
+from urisc_jax.attribution import path_integral
+
+RULES, DEFAULT_RULE = path_integral.RULES, path_integral.DEFAULT_RULE
+quadrature, completeness_met = path_integral.quadrature, path_integral.completeness_met
 BASELINES = ("zeros", "black", "blurred", "noise")
 # Every registry model accepts inputs whose sides are multiples of 32 (CASENet 8, plain U-Net 16).
 MODEL_STRIDE = 32
 
 # (variables, x [N, H, W, C] float32) -> logits [N, H, W] float32.
-LogitFn = Callable[[Any, jax.Array], jax.Array]
+LogitFn = path_integral.LogitFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,16 +70,20 @@ class Attribution:
     origin: (top, left) of the window in the image; targets sit at targets - origin inside it.
     logits: float32 [T]: F_t(x).
     baseline_logits: float32 [T]: F_t(x').
-    steps: number of gradient evaluations.
-    method: the quadrature rule.
+    nodes: int [T]: quadrature nodes of each target's final partition of the path.
+    evaluations: int [T]: gradients computed for each target, including those of intervals it split.
+    rule: the quadrature rule on each interval.
+    tolerance: the completeness tolerance the targets were refined to meet (None: no refinement).
   """
   attributions: np.ndarray
   targets: np.ndarray
   origin: tuple[int, int]
   logits: np.ndarray
   baseline_logits: np.ndarray
-  steps: int
-  method: str
+  nodes: np.ndarray
+  evaluations: np.ndarray
+  rule: str
+  tolerance: float | None = None
 
   @property
   def maps(self) -> np.ndarray:
@@ -100,67 +103,12 @@ class Attribution:
     with np.errstate(divide="ignore", invalid="ignore"):
       return (self.completeness_gap / change).astype(np.float32)
 
-
-def quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
-  """Nodes a_k in [0, 1] and weights w_k (summing to 1) of an integration rule with `steps` evaluations.
-
-  riemann_right (the paper's): a_k = k / m, k = 1..m, w_k = 1 / m; riemann_left: k = 0..m-1; riemann_middle:
-  (k + 1/2) / m; trapezoid: a_k = k / (m - 1), k = 0..m-1, half weight at the ends; gauss_legendre: m-point
-  Gauss-Legendre nodes mapped to [0, 1].
-
-  Returns:
-    (alphas, weights), float64 [steps] each.
-  """
-  if method not in METHODS:
-    raise ValueError(f"Unknown integration method {method!r}: choose one of {', '.join(METHODS)}.")
-  minimum = 2 if method == "trapezoid" else 1
-  if int(steps) != steps or steps < minimum:
-    raise ValueError(f"Integrated gradients with {method!r} needs an integer number of steps >= {minimum}, got "
-                     f"{steps!r}.")
-  m = int(steps)
-  k = np.arange(m, dtype=np.float64)
-  if method == "riemann_right":
-    return (k + 1) / m, np.full(m, 1 / m)
-  if method == "riemann_left":
-    return k / m, np.full(m, 1 / m)
-  if method == "riemann_middle":
-    return (k + 0.5) / m, np.full(m, 1 / m)
-  if method == "trapezoid":
-    weights = np.full(m, 1 / (m - 1))
-    weights[[0, -1]] /= 2
-    return k / (m - 1), weights
-  nodes, weights = np.polynomial.legendre.leggauss(m)
-  return (nodes + 1) / 2, weights / 2
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The gradient path integral, vectorized and as a loop.
-
-@functools.partial(jax.jit, static_argnames=("logit_fn",))
-def _endpoint_logits(logit_fn: LogitFn, variables, x, baseline, rows, cols):
-  """[2, T]: the target logits at the input and at the baseline."""
-  return logit_fn(variables, jnp.stack([x, baseline]))[:, rows, cols]
-
-
-@functools.partial(jax.jit, static_argnames=("logit_fn",))
-def _chunk_gradient_sum(logit_fn: LogitFn, variables, x, baseline, rows, cols, alphas, weights):
-  """sum_k w_k grad F_t(x' + a_k (x - x')) over one chunk of points, for every target t: [T, H, W, C].
-
-  alphas, weights: [chunk]; padding points carry weight 0.
-  """
-  points = baseline[None] + alphas[:, None, None, None] * (x - baseline)[None]
-
-  def weighted_target_logits(shift):  # shift [H, W, C] is added to every point: its gradient sums over the chunk
-    logits = logit_fn(variables, points + shift)
-    return weights @ logits[:, rows, cols]
-
-  return jax.jacrev(weighted_target_logits)(jnp.zeros_like(x))
-
-
-@functools.partial(jax.jit, static_argnames=("logit_fn",))
-def _point_gradient(logit_fn: LogitFn, variables, point, row, col):
-  """grad F_t at one point [H, W, C] for one target: [H, W, C]."""
-  return jax.grad(lambda p: logit_fn(variables, p[None])[0, row, col])(point)
+  @property
+  def met_tolerance(self) -> np.ndarray:
+    """bool [T]: |gap| <= tolerance x max(|F(x) - F(x')|, 1) (all True when no tolerance was asked for)."""
+    if self.tolerance is None:
+      return np.ones(len(self.targets), bool)
+    return completeness_met(self.completeness_gap, self.logits, self.baseline_logits, self.tolerance)
 
 
 def _check_inputs(x, baseline, targets) -> np.ndarray:
@@ -181,8 +129,9 @@ def _check_inputs(x, baseline, targets) -> np.ndarray:
   return targets
 
 
-def integrated_gradients(logit_fn: LogitFn, variables: Any, x, baseline, targets, *, steps: int = 300,
-                         method: str = "riemann_right", chunk_size: int = 16, vectorized: bool = True,
+def integrated_gradients(logit_fn: LogitFn, variables: Any, x, baseline, targets, *, steps: int = 32,
+                         rule: str = DEFAULT_RULE, nodes_per_interval: int = 4, tolerance: float | None = None,
+                         max_nodes: int | None = None, chunk_size: int = 16, vectorized: bool = True,
                          origin: tuple[int, int] = (0, 0)) -> Attribution:
   """Integrated gradients of the logits of `targets` with respect to the input `x`.
 
@@ -193,43 +142,35 @@ def integrated_gradients(logit_fn: LogitFn, variables: Any, x, baseline, targets
     x: float32 [H, W, C], the normalized input (H, W as the model requires).
     baseline: float32 [H, W, C], x' (see `make_baseline`).
     targets: int [T, 2] (or one (row, col)): target pixels in x's coordinates; all T share each forward pass.
-    steps: gradient evaluations m.
-    method: quadrature rule, one of METHODS ('riemann_right' is the paper's).
+    steps: quadrature nodes of the first pass (steps // nodes_per_interval intervals; one interval of `steps` nodes,
+      the plain rule, when steps <= nodes_per_interval).
+    rule: the rule on each interval, one of RULES ('gauss_legendre' by default; 'riemann_right' is the paper's: a
+      composite right Riemann sum is the right Riemann sum with all its nodes).
+    nodes_per_interval: nodes of the rule per interval.
+    tolerance: None = the first pass only. Otherwise intervals are split where the completeness gap is, until
+      |gap| <= tolerance x max(|F(x) - F(x')|, 1) or the target's partition has `max_nodes` nodes.
+    max_nodes: the node cap of refinement (None: the first pass's nodes).
     chunk_size: interpolation points per forward/backward pass; memory grows with chunk_size x T.
     vectorized: False loops in Python over targets and points, one jax.grad each (same result; for tests and
       benchmarks).
     origin: (top, left) of x in a larger image; recorded, and added to `targets` in the result.
 
   Returns:
-    An Attribution with attributions [T, H, W, C] and targets in image coordinates (targets + origin).
+    An Attribution with attributions [T, H, W, C], targets in image coordinates (targets + origin) and each
+    target's node count.
   """
   x = jnp.asarray(x, jnp.float32)
   baseline = jnp.asarray(baseline, jnp.float32)
   targets = _check_inputs(x, baseline, targets)
-  if int(chunk_size) != chunk_size or chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
-  alphas, weights = quadrature(method, steps)
-  rows, cols = jnp.asarray(targets[:, 0]), jnp.asarray(targets[:, 1])
-  ends = np.asarray(_endpoint_logits(logit_fn, variables, x, baseline, rows, cols))
-  if vectorized:
-    chunk = min(int(chunk_size), len(alphas))
-    pad = -len(alphas) % chunk
-    alphas = np.concatenate([alphas, np.ones(pad)]).reshape(-1, chunk).astype(np.float32)
-    weights = np.concatenate([weights, np.zeros(pad)]).reshape(-1, chunk).astype(np.float32)
-    # A Python loop over chunks (not lax.scan): one compilation serves any number of steps.
-    gradients = jnp.zeros((len(targets),) + x.shape, jnp.float32)
-    for chunk_alphas, chunk_weights in zip(alphas, weights):
-      gradients = gradients + _chunk_gradient_sum(logit_fn, variables, x, baseline, rows, cols, chunk_alphas,
-                                                  chunk_weights)
-  else:
-    gradients = jnp.stack([
-        sum(np.float32(w) * _point_gradient(logit_fn, variables, baseline + np.float32(a) * (x - baseline), r, c)
-            for a, w in zip(alphas, weights))
-        for r, c in targets])
-  attributions = np.asarray((x - baseline)[None] * gradients, np.float32)
-  return Attribution(attributions=attributions, targets=targets + np.asarray(origin), origin=tuple(map(int, origin)),
-                     logits=ends[0].astype(np.float32), baseline_logits=ends[1].astype(np.float32), steps=int(steps),
-                     method=method)
+  result = path_integral.path_gradients(logit_fn, variables, x, baseline, targets, steps=steps, rule=rule,
+                                        nodes_per_interval=nodes_per_interval, tolerance=tolerance,
+                                        max_nodes=max_nodes, chunk_size=chunk_size, vectorized=vectorized)
+  attributions = np.asarray(x - baseline)[None] * result["gradients"]
+  return Attribution(attributions=attributions.astype(np.float32), targets=targets + np.asarray(origin),
+                     origin=tuple(map(int, origin)), logits=result["logits"].astype(np.float32),
+                     baseline_logits=result["baseline_logits"].astype(np.float32), nodes=result["nodes"],
+                     evaluations=result["evaluations"], rule=rule,
+                     tolerance=None if tolerance is None else float(tolerance))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,8 +303,9 @@ def receptive_field_crop(image_shape: Sequence[int], target: Sequence[int], radi
 # Attribution of target pixels of a whole (possibly huge) image.
 
 def iter_attributions(logit_fn: LogitFn, variables: Any, image: np.ndarray, targets, *, mean: float, std: float,
-                      baseline: str = "zeros", radius: int | None = None, steps: int = 300,
-                      method: str = "riemann_right", chunk_size: int = 16, targets_per_pass: int = 4,
+                      baseline: str = "zeros", radius: int | None = None, steps: int = 32,
+                      rule: str = DEFAULT_RULE, nodes_per_interval: int = 4, tolerance: float | None = None,
+                      max_nodes: int | None = None, chunk_size: int = 16, targets_per_pass: int = 4,
                       seed: int | Sequence[int] = 0, blur_sigma: float = 10.0,
                       multiple: int = MODEL_STRIDE) -> Iterator[Attribution]:
   """Integrated gradients of target pixels of a gray uint8 image, each over the window that holds its receptive field.
@@ -379,7 +321,7 @@ def iter_attributions(logit_fn: LogitFn, variables: Any, image: np.ndarray, targ
     baseline: one of BASELINES (see `make_baseline`).
     radius: receptive-field radius (`receptive_field.model_receptive_field_radius`); None attributes over the whole
       image, whose sides must then be multiples of `multiple`.
-    steps, method, chunk_size: as for `integrated_gradients`.
+    steps, rule, nodes_per_interval, tolerance, max_nodes, chunk_size: as for `integrated_gradients`.
     targets_per_pass: targets sharing one forward pass; memory grows with chunk_size x targets_per_pass.
     seed, blur_sigma: for the 'noise' and 'blurred' baselines.
     multiple: the model's required input multiple.
@@ -406,8 +348,9 @@ def iter_attributions(logit_fn: LogitFn, variables: Any, image: np.ndarray, targ
     x_baseline = make_baseline(baseline, image, window, mean=mean, std=std, seed=seed, blur_sigma=blur_sigma)
     for start in range(0, len(indices), targets_per_pass):
       local = np.asarray([crops[i].target for i in indices[start:start + targets_per_pass]])
-      yield integrated_gradients(logit_fn, variables, x, x_baseline, local, steps=steps, method=method,
-                                 chunk_size=chunk_size, origin=window.origin)
+      yield integrated_gradients(logit_fn, variables, x, x_baseline, local, steps=steps, rule=rule,
+                                 nodes_per_interval=nodes_per_interval, tolerance=tolerance, max_nodes=max_nodes, chunk_size=chunk_size,
+                                 origin=window.origin)
 
 
 def attribute_image(*args, **kwargs) -> list[Attribution]:

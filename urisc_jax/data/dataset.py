@@ -136,6 +136,10 @@ def check_splits(data_config) -> None:
       raise ValueError(f"config.data.split.mode='images' holds out validation images from the training split, but "
                        f"the validation split also names images: {_key(data_config, 'val', names['val'])}. Empty it "
                        f"({_empty_hint(data_config)}) or use config.data.split.mode='folders'.")
+  if mode == "patch" and not _names_nothing(data_config, names["val"]):
+    raise ValueError(f"config.data.split.mode='patch' validates on patches of the training images, but the "
+                     f"validation split also names images: {_key(data_config, 'val', names['val'])}, which would "
+                     f"not be used. Empty it ({_empty_hint(data_config)}) or use config.data.split.mode='folders'.")
   used = {}  # what a split selects -> (its role, its key)
   for role in ROLES:
     if _names_nothing(data_config, names[role]) or (role == "val" and _split_mode(data_config) == "images"):

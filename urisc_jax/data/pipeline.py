@@ -175,13 +175,25 @@ def _check_patches(patches: np.ndarray, images: list[PreparedImage], crop_size: 
   return patches.astype(np.int64)
 
 
-def train_patches(data_config, images: list[PreparedImage], *, seed: int) -> np.ndarray | None:
-  """The training patches of `config.data.split` (None unless its mode is "patch")."""
+def patch_split(data_config, images: list[PreparedImage], *,
+                seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+  """(train, val) patches of `config.data.split` over the training images (None unless its mode is "patch")."""
   split_config = data_config.get("split") if hasattr(data_config, "get") else None
   if split_config is None:
     return None
-  split = splits.patch_split(split_config, [im.shape for im in images], crop_size=data_config.crop_size, seed=seed)
+  return splits.patch_split(split_config, [im.shape for im in images], crop_size=data_config.crop_size, seed=seed)
+
+
+def train_patches(data_config, images: list[PreparedImage], *, seed: int) -> np.ndarray | None:
+  """The training patches of `config.data.split` (None unless its mode is "patch")."""
+  split = patch_split(data_config, images, seed=seed)
   return None if split is None else split[0]
+
+
+def val_patches(data_config, images: list[PreparedImage], *, seed: int) -> np.ndarray | None:
+  """The validation patches of `config.data.split` (None unless its mode is "patch"): never a training patch."""
+  split = patch_split(data_config, images, seed=seed)
+  return None if split is None else split[1]
 
 
 @dataclasses.dataclass

@@ -414,4 +414,5 @@ def score_folders(pred_dir: str | pathlib.Path, gt_dir: str | pathlib.Path, *, g
       row.update(f1=0.0, precision=0.0, recall=0.0, rejected=str(e))
     rows.append(row)
   return {"images": rows, **summarize(rows), "num_rejected": sum("rejected" in row for row in rows),
-          "gt_mode": gt_mode, "bound_pix": int(bound_pix)}
+          # What the scorer saw: the ground truth as read ("official") or binarized ("binarized@122").
+          "gt_mode": "official" if gt_mode == "official" else f"binarized@{BINARIZE_LEVEL}", "bound_pix": int(bound_pix)}
