@@ -170,3 +170,22 @@ def test_worker_peak_memory_does_not_grow_with_the_volume(run, tmp_path):
     peaks[factor] = volume_predict.predict_volume(config, workdir, client=client)["worker_peak_rss_gib"]
   # 4x the pixels: blocks of the same size, more of them; allow 10 % + 32 MiB for allocator noise.
   assert peaks[8] <= peaks[2] * 1.1 + 1 / 32, peaks
+
+
+@pytest.mark.parametrize("scale, units, input_nm, match, refused", [
+    ((50.0, 4.36, 4.36), ("nanometer",) * 3, None, True, True),        # OME-Zarr at 2x the training pixel size
+    ((0.05, 0.00436, 0.00436), ("micrometer",) * 3, None, True, True),  # the same in micrometres
+    ((50.0, 2.2, 2.2), ("nanometer",) * 3, None, True, False),          # within 5 % of data.pixel_nm = 2.18
+    ((1.0, 1.0, 1.0), ("", "", ""), None, True, False),                 # no metadata: taken to match
+    ((1.0, 1.0, 1.0), ("", "", ""), 8.0, True, True),                   # predict.input_pixel_nm says otherwise
+    ((50.0, 4.36, 4.36), ("nanometer",) * 3, None, False, False),       # matching switched off: predicted as is
+])
+def test_a_volume_at_another_pixel_size_is_refused_not_silently_predicted(scale, units, input_nm, match, refused):
+  config = _config("in.zarr", "out.zarr")
+  config.predict.input_pixel_nm, config.predict.match_resolution = input_nm, match
+  volume = volumes.InputVolume(spec={}, shape=(2, 64, 64), ndim=3, scale=scale, units=units)
+  if refused:
+    with pytest.raises(volumes.VolumeError, match="match_resolution=False"):
+      volume_predict._check_pixel_size(config, volume)  # pylint: disable=protected-access
+  else:
+    volume_predict._check_pixel_size(config, volume)  # pylint: disable=protected-access

@@ -28,8 +28,14 @@ _TIFF_UNITS = {2: "inch", 3: "cm"}
 
 
 def _nm(value: float, unit: str | None) -> float | None:
+  """`value` in `unit` as nanometres; None for an unknown unit or a non-positive value."""
   factor = _NM_PER_UNIT.get((unit or "").strip().lower())
   return None if factor is None or not value > 0 else float(value) * factor
+
+
+def to_nm(value: float, unit: str | None) -> float | None:
+  """A pixel size `value` in `unit` (the unit names of TIFF, ImageJ and OME-NGFF) as nm; None when unknown."""
+  return _nm(value, unit)
 
 
 def _ome_zarr_pixel_nm(folder: pathlib.Path) -> float | None:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
-from urisc_jax import blockwise, inference, outputs, volumes
+from urisc_jax import blockwise, inference, outputs, resolution, volumes
 from urisc_jax.volumes import VolumeError
 
 MARKERS = ".blocks"
@@ -269,6 +269,25 @@ def _check_run_record(out_path: pathlib.Path, record: dict) -> None:
   outputs.write_json(path, record)
 
 
+def _check_pixel_size(config, volume: volumes.InputVolume) -> None:
+  """Refuses a volume recorded at another pixel size than the training data's (more than 5 % apart).
+
+  Image files are resampled to the training pixel size (`resolution.matched_probabilities`); blocks are predicted at
+  the volume's own pixels, so a mismatch would silently degrade every block. The volume's size is
+  config.predict.input_pixel_nm or its OME-Zarr y scale; unknown sizes (either side) are taken to match.
+  """
+  if not config.predict.get("match_resolution", True):
+    return
+  input_nm = config.predict.get("input_pixel_nm") or resolution.to_nm(volume.scale[1], volume.units[1])
+  factor = resolution.scale_factor(input_nm, config.data.get("pixel_nm"))
+  if abs(factor - 1.0) > 0.05:
+    raise VolumeError(
+        f"{config.predict.input} has {input_nm:g} nm pixels, the model was trained at config.data.pixel_nm="
+        f"{config.data.pixel_nm:g} nm (a factor {factor:.3g}); blockwise prediction does not resample. Resample "
+        f"the volume to {config.data.pixel_nm:g} nm first, or predict it as it is with "
+        "--config.predict.match_resolution=False.")
+
+
 def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dict], None] | None = None) -> dict:
   """Predicts the volume `config.predict.input` into the OME-Zarr `config.predict.output`, blockwise on Dask.
 
@@ -292,6 +311,7 @@ def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dic
     raise VolumeError("config.predict.postprocess works on whole images; a volume is predicted blockwise: set "
                       "config.predict.postprocess.* to 0 for a volume.")
   volume = volumes.open_input(pc.input)
+  _check_pixel_size(config, volume)
   out_path = pathlib.Path(pc.output or workdir / "predictions.zarr")
   vc = pc.volume
   if vc.chunk % 2 ** (vc.levels - 1):
