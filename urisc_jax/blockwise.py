@@ -119,8 +119,8 @@ def predict_block_logits(forward: inference.TileForward, read: Reader, plan: Sec
   if weights is not None:
     profile = inference.blend_profile(tile, plan.blend)
     # The whole-section normalization, computed as inference's blend sink does, for this block's rows and columns.
-    row_norm = inference._BlendSink._coverage(grid.rows, profile, grid.shape[0])  # pylint: disable=protected-access
-    col_norm = inference._BlendSink._coverage(grid.cols, profile, grid.shape[1])  # pylint: disable=protected-access
+    row_norm = inference.blend_coverage(grid.rows, profile, grid.shape[0])
+    col_norm = inference.blend_coverage(grid.cols, profile, grid.shape[1])
     out /= row_norm[block.top:block.bottom, None]
     out /= col_norm[None, block.left:block.right]
   return out

@@ -330,24 +330,26 @@ def _tile_batches(image: np.ndarray, grid: TileGrid, batch_size: int
     yield origins, tiles
 
 
+def blend_coverage(starts, profile: np.ndarray, length: int) -> np.ndarray:
+  """float32 [length]: the sum of the 1-D blend `profile` over tiles starting at `starts` along one axis; blended
+  logits are divided by it (rows times columns), so a block of the section can be normalized as the whole is."""
+  total = np.zeros(length, np.float32)
+  for s in starts:
+    total[s:s + len(profile)] += profile
+  return total
+
+
 class _BlendSink:
   """Accumulates weighted tile logits in a band of `tile` rows; writes finished rows, normalized, to `out`."""
 
   def __init__(self, out: np.ndarray, grid: TileGrid, profile: np.ndarray):
     self.out, self.grid, self.tile = out, grid, grid.tile
     self.weights = np.outer(profile, profile)
-    self.row_norm = self._coverage(grid.rows, profile, grid.shape[0])
-    self.col_norm = self._coverage(grid.cols, profile, grid.shape[1])[:out.shape[1]]
+    self.row_norm = blend_coverage(grid.rows, profile, grid.shape[0])
+    self.col_norm = blend_coverage(grid.cols, profile, grid.shape[1])[:out.shape[1]]
     self.band = np.zeros((self.tile, grid.shape[1]), np.float32)  # image rows [base, base + tile)
     self.base = 0
     self.releaser = _PageReleaser(out)
-
-  @staticmethod
-  def _coverage(starts, profile, length) -> np.ndarray:
-    total = np.zeros(length, np.float32)
-    for s in starts:
-      total[s:s + len(profile)] += profile
-    return total
 
   def add(self, origin: tuple[int, int], logits: np.ndarray) -> None:
     r, c = origin
