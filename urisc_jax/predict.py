@@ -146,9 +146,14 @@ def choose_threshold(forward, images: list[PreparedImage], config, *, local_forw
     del probability
   curves = {i: curve for share in multihost.gather_objects(curves) for i, curve in share.items()}
   mean_f1 = np.mean([curves[i] for i in range(len(images))], axis=0)
+  return _best_threshold(mean_f1, config, val_images=[im.name for im in images])
+
+
+def _best_threshold(mean_f1: np.ndarray, config, **validated) -> dict:
+  """{"threshold", "val_f1", **validated, "postprocess"}: the candidate of THRESHOLD_CANDIDATES with the highest
+  mean F1 (`mean_f1`, one per candidate; ties go to the lowest threshold) and the post-processing it was chosen with."""
   best = int(np.argmax(mean_f1))
-  return {"threshold": float(THRESHOLD_CANDIDATES[best]), "val_f1": float(mean_f1[best]),
-          "val_images": [im.name for im in images],
+  return {"threshold": float(THRESHOLD_CANDIDATES[best]), "val_f1": float(mean_f1[best]), **validated,
           "postprocess": postprocess.options_from(config.predict.get("postprocess"))}
 
 
@@ -188,11 +193,7 @@ def choose_threshold_on_patches(forward, images: list[PreparedImage], patches: n
       total += f1_per_threshold(probability[window], np.ascontiguousarray(gt[window]), config.predict,
                                 gt_mode=config.eval.gt_mode)
     del probability
-  mean_f1 = total / len(patches)
-  best = int(np.argmax(mean_f1))
-  return {"threshold": float(THRESHOLD_CANDIDATES[best]), "val_f1": float(mean_f1[best]),
-          "val_patches": int(len(patches)), "val_images": names,
-          "postprocess": postprocess.options_from(config.predict.get("postprocess"))}
+  return _best_threshold(total / len(patches), config, val_patches=int(len(patches)), val_images=names)
 
 
 def intensity_baseline(train_images: list[PreparedImage], test_images: list[PreparedImage], config) -> dict:
