@@ -9,6 +9,11 @@ the same row-major order, then the same normalization), so a block's logits are 
 whole-section prediction whatever the block size and the order in which blocks run. The price is the context: a
 block reads and computes every tile that reaches into it, up to one tile beyond its edges.
 
+A section narrower than a tile along one axis is reflected up to the tile along that axis, as `predict_logits` does;
+its grid runs along the other axis, so a block still computes only the tiles that reach into it (reflection along one
+axis is a per-line operation, so the reflected window equals that part of the reflected section). Predicting such a
+section whole for every block would cost blocks x tiles, quadratic in its length.
+
 Memory per block: the input window (block + up to 2 tiles per axis, uint8) and the float32 block; never the section.
 """
 
@@ -53,7 +58,8 @@ class SectionPlan:
 
   Attributes:
     shape: (H, W) of the section.
-    grid: the section's TileGrid (None when the section is smaller than a tile: it is then predicted whole).
+    grid: the TileGrid of the section reflected up to the tile along each axis shorter than it (as
+      `inference.predict_logits` reflects it).
     tile, halo, step, blend, batch_size: as `inference.predict_logits` takes them.
   """
   shape: tuple[int, int]
@@ -69,10 +75,26 @@ def section_plan(shape: tuple[int, int], predict_config) -> SectionPlan:
   """The plan `predict.probabilities` would follow for a whole section of `shape` under `predict_config`."""
   tile = predict_lib.tile_size(tuple(shape), predict_config)
   halo = predict_config.get("halo")
-  small = shape[0] < tile or shape[1] < tile
-  grid = None if small else inference.tile_grid(tuple(shape), tile, step=predict_config.step, halo=halo)
+  grid = inference.tile_grid(_reflected_shape(shape, tile), tile, step=predict_config.step, halo=halo)
   return SectionPlan(tuple(shape), grid, tile, halo, predict_config.step, predict_config.blend,
                      predict_config.batch_size)
+
+
+def _reflected_shape(shape: tuple[int, int], tile: int) -> tuple[int, int]:
+  """The section's shape once `inference.predict_logits` has reflected each axis shorter than `tile` up to it."""
+  return max(shape[0], tile), max(shape[1], tile)
+
+
+def _read_reflected(read: Reader, shape: tuple[int, int], rows: slice, cols: slice) -> np.ndarray:
+  """rows x cols of the section reflected up to the tile (`_reflected_shape`): reads the part inside the section and
+  reflects it along each axis the section is shorter than the window's end, exactly as `np.pad` reflects the whole
+  section there (the window then spans that axis from 0, so the reflection sees the same pixels)."""
+  height, width = shape
+  window = read(slice(rows.start, min(rows.stop, height)), slice(cols.start, min(cols.stop, width)))
+  pad = ((0, max(0, rows.stop - height)), (0, max(0, cols.stop - width)))
+  if pad[0][1] or pad[1][1]:
+    window = np.pad(np.asarray(window), pad, mode="reflect")
+  return window
 
 
 def _needed(starts: tuple[int, ...], seams: tuple[int, ...] | None, tile: int, lo: int, hi: int) -> list[int]:
@@ -91,16 +113,12 @@ def predict_block_logits(forward: inference.TileForward, read: Reader, plan: Sec
     plan: `section_plan` of the section.
     block: the output block.
   """
-  if plan.grid is None:  # smaller than a tile: the whole section is one reflected tile anyway
-    whole = read(slice(0, plan.shape[0]), slice(0, plan.shape[1]))
-    logits = inference.predict_logits(forward, whole, tile=plan.tile, step=plan.step, blend=plan.blend,
-                                      batch_size=plan.batch_size, halo=plan.halo)
-    return np.ascontiguousarray(logits[block.top:block.bottom, block.left:block.right])
   grid, tile = plan.grid, plan.tile
   rows = _needed(grid.rows, grid.row_seams, tile, block.top, block.bottom)
   cols = _needed(grid.cols, grid.col_seams, tile, block.left, block.right)
   r0, c0 = grid.rows[rows[0]], grid.cols[cols[0]]
-  window = read(slice(r0, grid.rows[rows[-1]] + tile), slice(c0, grid.cols[cols[-1]] + tile))
+  window = _read_reflected(read, plan.shape, slice(r0, grid.rows[rows[-1]] + tile),
+                          slice(c0, grid.cols[cols[-1]] + tile))
   out = np.zeros(block.shape, np.float32)
   weights = None if plan.halo is not None else inference.blend_weights(tile, plan.blend)
   origins = [(grid.rows[i], grid.cols[j], i, j) for i in rows for j in cols]
