@@ -21,6 +21,7 @@ no two writers ever touch one chunk.
 
 import dataclasses
 import json
+import math
 import pathlib
 import urllib.parse
 
@@ -66,7 +67,7 @@ def is_volume_input(text: str) -> bool:
   if text.startswith("{") or text.startswith("file://"):
     return True
   path = pathlib.Path(text.rstrip("/"))
-  return path.suffix in (".zarr", ".n5") or (path / "info").is_file()
+  return path.suffix in (".zarr", ".n5") or (_precomputed_info(path) is not None and not _holds_images(path))
 
 
 def _local_path(text: str) -> pathlib.Path:
@@ -75,84 +76,327 @@ def _local_path(text: str) -> pathlib.Path:
   return pathlib.Path(text)
 
 
+# Metadata files are a few KB; a bigger one is not metadata (and is not read whole into memory).
+MAX_METADATA_BYTES = 16 << 20
+
+
 def _read_json(path: pathlib.Path) -> dict | None:
+  """The JSON object in `path`, None when there is no such file; anything else than a readable object is refused."""
   try:
-    return json.loads(path.read_text())
+    if path.stat().st_size > MAX_METADATA_BYTES:
+      raise VolumeError(f"the metadata file {path} is {path.stat().st_size} bytes, more than metadata ever is "
+                        f"({MAX_METADATA_BYTES} bytes); is it the right file?")
+    value = json.loads(path.read_text())
   except FileNotFoundError:
     return None
-  except (OSError, ValueError) as e:
-    raise VolumeError(f"cannot read the metadata file {path} ({e}); is the volume complete?") from e
+  except (OSError, ValueError, RecursionError) as e:
+    raise VolumeError(f"cannot read the metadata file {path} ({type(e).__name__}: {str(e)[:200]}); is the volume "
+                      "complete?") from e
+  if not isinstance(value, dict):
+    raise VolumeError(f"the metadata file {path} holds a JSON {type(value).__name__}, not an object; is the volume "
+                      "complete?")
+  return value
 
 
-def _multiscales(path: pathlib.Path) -> list | None:
-  """The OME multiscales list of a zarr group at `path` (v2 .zattrs or v3 zarr.json), if any."""
-  attrs = _read_json(path / ".zattrs")
+def _holds_images(path: pathlib.Path) -> bool:
+  """Whether the folder holds image files: then they are the input, whatever else lies beside them."""
+  from urisc_jax.data import sources  # pylint: disable=g-import-not-at-top
+  try:
+    return any(p.suffix.lower() in sources.IMAGE_SUFFIXES and p.is_file() for p in path.iterdir())
+  except OSError:
+    return False
+
+
+def _precomputed_info(path: pathlib.Path) -> dict | None:
+  """The neuroglancer precomputed `info` of the folder `path` when it is one (a JSON object with "type" and a
+  non-empty "scales" list), else None: a text file that happens to be named `info` does not make a volume."""
+  info = path / "info"
+  try:
+    if not info.is_file() or info.stat().st_size > MAX_METADATA_BYTES:
+      return None
+    value = json.loads(info.read_text())
+  except (OSError, ValueError, RecursionError):
+    return None
+  if isinstance(value, dict) and isinstance(value.get("type"), str) and isinstance(value.get("scales"), list) \
+      and value["scales"]:
+    return value
+  return None
+
+
+# Nanometres per unit, as (multiplier, divisor) so that decimal sizes convert exactly (40 angstrom = 4.0 nm): every
+# space unit of OME-NGFF 0.4 and the short forms files use.
+_NM_PER_UNIT = {
+    "yoctometer": (1, 1e15), "zeptometer": (1, 1e12), "attometer": (1, 1e9), "femtometer": (1, 1e6),
+    "picometer": (1, 1e3), "angstrom": (1, 10), "nanometer": (1, 1), "micrometer": (1e3, 1), "millimeter": (1e6, 1),
+    "centimeter": (1e7, 1), "decimeter": (1e8, 1), "meter": (1e9, 1), "hectometer": (1e11, 1),
+    "kilometer": (1e12, 1), "megameter": (1e15, 1), "gigameter": (1e18, 1), "terameter": (1e21, 1),
+    "petameter": (1e24, 1), "exameter": (1e27, 1), "zettameter": (1e30, 1), "yottameter": (1e33, 1),
+    "inch": (2.54e7, 1), "foot": (3.048e8, 1), "yard": (9.144e8, 1), "mile": (1.609344e12, 1),
+    "parsec": (3.0856775814913673e25, 1),
+    "nm": (1, 1), "um": (1e3, 1), "\u00b5m": (1e3, 1), "\u03bcm": (1e3, 1), "micron": (1e3, 1), "mm": (1e6, 1),
+    "cm": (1e7, 1), "m": (1e9, 1), "\u00e5": (1, 10), "pm": (1, 1e3),
+}
+# OME-NGFF 0.4 time units: allowed on the section axis (a time series predicted frame by frame), not on y or x.
+_TIME_UNITS = frozenset(f"{p}second" for p in ("", "atto", "centi", "deci", "exa", "femto", "giga", "hecto", "kilo",
+                                               "mega", "micro", "milli", "nano", "peta", "pico", "tera", "yocto",
+                                               "yotta", "zepto", "zetta")) | {"minute", "hour", "day"}
+
+
+def unit_nm(unit: str) -> tuple[float, float] | None:
+  """(multiplier, divisor) from `unit` to nanometres, None for a unit that is no length."""
+  return _NM_PER_UNIT.get(unit.strip().lower())
+
+
+@dataclasses.dataclass(frozen=True)
+class Multiscale:
+  """The first multiscale image of OME-Zarr metadata, checked.
+
+  Attributes:
+    source: the metadata file (.zattrs or zarr.json), named in every error about it.
+    path: the level-0 dataset path, relative to the group.
+    axes: per axis {"name", "type", "unit"} (strings, "" where not given), or None when the metadata has none.
+    scale: the level-0 scale per axis (positive, finite), or None when not given.
+  """
+  source: pathlib.Path
+  path: str
+  axes: tuple[dict, ...] | None
+  scale: tuple[float, ...] | None
+
+  def error(self, problem: str) -> "VolumeError":
+    return _metadata_error(self.source, problem)
+
+
+def _metadata_error(source: pathlib.Path, problem: str) -> VolumeError:
+  return VolumeError(f"{source}: the OME-Zarr multiscales metadata {problem}; fix the metadata (OME-NGFF 0.4: "
+                     '"multiscales": [{"axes": [...], "datasets": [{"path": "0", "coordinateTransformations": '
+                     '[{"type": "scale", "scale": [...]}]}]}]) or pass the array itself (e.g. GROUP.zarr/0).')
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_multiscales(attrs: dict, source: pathlib.Path) -> Multiscale | None:
+  """The checked first multiscale image of OME attributes `attrs` (read from `source`); None when there is none.
+
+  Every field the reader uses is checked for its type and range here, so that garbled metadata is one VolumeError
+  naming the file and the field, never a KeyError or TypeError deep in the reader.
+  """
+  multiscales = attrs.get("multiscales")
+  if multiscales is None:
+    return None
+  if not isinstance(multiscales, list) or not multiscales:
+    raise _metadata_error(source, f'"multiscales" is {_show(multiscales)}, not a non-empty list')
+  first = multiscales[0]
+  if not isinstance(first, dict):
+    raise _metadata_error(source, f'"multiscales"[0] is {_show(first)}, not an object')
+  datasets = first.get("datasets")
+  if not isinstance(datasets, list) or not datasets:
+    raise _metadata_error(source, f'"datasets" is {_show(datasets)}, not a non-empty list')
+  level0 = datasets[0]
+  if not isinstance(level0, dict):
+    raise _metadata_error(source, f'"datasets"[0] is {_show(level0)}, not an object')
+  path = level0.get("path")
+  if not isinstance(path, str) or not path:
+    raise _metadata_error(source, f'"datasets"[0]["path"] is {_show(path)}, not a dataset path such as "0"')
+  axes = first.get("axes")
+  if axes is not None:
+    if not isinstance(axes, list):
+      raise _metadata_error(source, f'"axes" is {_show(axes)}, not a list')
+    axes = tuple(_axis(a, i, source) for i, a in enumerate(axes))
+  transforms = level0.get("coordinateTransformations", [])
+  if not isinstance(transforms, list):
+    raise _metadata_error(source, f'"coordinateTransformations" of "datasets"[0] is {_show(transforms)}, not a list')
+  scale = None
+  for transform in transforms:
+    if not isinstance(transform, dict) or not isinstance(transform.get("type"), str):
+      raise _metadata_error(source, f"a coordinate transformation of \"datasets\"[0] is {_show(transform)}, not an "
+                            'object with a "type"')
+    if transform["type"] == "scale" and scale is None:
+      values = transform.get("scale")
+      if not isinstance(values, list) or not values or not all(_is_number(v) for v in values):
+        raise _metadata_error(source, f'the scale of "datasets"[0] is {_show(values)}, not a list of numbers')
+      if not all(math.isfinite(v) and v > 0 for v in values):
+        raise _metadata_error(source, f'the scale of "datasets"[0] is {_show(values)}: pixel sizes must be positive '
+                              "and finite")
+      scale = tuple(float(v) for v in values)
+  if axes is not None and scale is not None and len(axes) != len(scale):
+    raise _metadata_error(source, f"has {len(axes)} axes but a scale of {len(scale)} values")
+  return Multiscale(source, path, axes, scale)
+
+
+def _axis(axis, index: int, source: pathlib.Path) -> dict:
+  """One checked axis as {"name", "type", "unit"}; OME-NGFF 0.3 wrote axes as bare names."""
+  if isinstance(axis, str):
+    return {"name": axis, "type": "", "unit": ""}
+  if not isinstance(axis, dict):
+    raise _metadata_error(source, f'"axes"[{index}] is {_show(axis)}, not an object')
+  checked = {}
+  for key in ("name", "type", "unit"):
+    value = axis.get(key, "")
+    if value is None and key != "name":
+      value = ""
+    if not isinstance(value, str):
+      raise _metadata_error(source, f'"axes"[{index}]["{key}"] is {_show(value)}, not a string')
+    checked[key] = value
+  return checked
+
+
+def _show(value) -> str:
+  """A short description of a metadata value for an error message."""
+  text = json.dumps(value, default=str) if not isinstance(value, float) or math.isfinite(value) else str(value)
+  return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _multiscales(path: pathlib.Path) -> Multiscale | None:
+  """The OME multiscales of a zarr group at `path` (v2 .zattrs or v3 zarr.json, OME-NGFF 0.4 or 0.5), if any."""
+  source = path / ".zattrs"
+  attrs = _read_json(source)
   if attrs is None:
-    v3 = _read_json(path / "zarr.json") or {}
-    attrs = v3.get("attributes", {}) if v3.get("node_type") == "group" else {}
+    source = path / "zarr.json"
+    v3 = _read_json(source) or {}
+    if v3.get("node_type") != "group":
+      return None
+    attrs = v3.get("attributes", {})
+    if not isinstance(attrs, dict):
+      raise _metadata_error(source, f'"attributes" is {_show(attrs)}, not an object')
     attrs = attrs.get("ome", attrs)
-  return attrs.get("multiscales")
+    if not isinstance(attrs, dict):
+      raise _metadata_error(source, f'"ome" is {_show(attrs)}, not an object')
+  return parse_multiscales(attrs, source)
 
 
-def _path_spec(path: pathlib.Path) -> tuple[dict, list | None]:
+def _dataset_folder(group: pathlib.Path, multiscale: Multiscale) -> pathlib.Path:
+  """The level-0 dataset folder, which must lie inside the group: the metadata names a relative path without '..'
+  that does not lead out through a symlink (an image group's metadata must not reach other files)."""
+  text = multiscale.path
+  relative = pathlib.PurePosixPath(text)
+  if "\x00" in text or "\\" in text or relative.is_absolute() or ".." in relative.parts or not relative.parts:
+    raise multiscale.error(f'names the dataset path {text!r}, which is not a path inside the image group {group}')
+  folder = group / relative
+  try:
+    inside = folder.resolve().is_relative_to(group.resolve()) and folder.resolve() != group.resolve()
+  except (OSError, RuntimeError) as e:  # a symlink loop
+    raise multiscale.error(f"names the dataset path {text!r}, which cannot be resolved ({e})") from e
+  if not inside:
+    raise multiscale.error(f"names the dataset path {text!r}, which leads out of the image group {group} (through "
+                           f"a symlink to {folder.resolve()})")
+  return folder
+
+
+def _array_spec_at(path: pathlib.Path) -> dict | None:
+  """The TensorStore spec of the array stored at `path`, None when it holds none."""
+  kvstore = {"driver": "file", "path": str(path.resolve())}
+  if (path / "zarr.json").is_file():
+    return {"driver": "zarr3", "kvstore": kvstore}
+  if (path / ".zarray").is_file():
+    return {"driver": "zarr", "kvstore": kvstore}
+  if (path / "attributes.json").is_file():
+    return {"driver": "n5", "kvstore": kvstore}
+  if (path / "info").is_file():
+    if _precomputed_info(path) is None:
+      raise VolumeError(f"{path / 'info'} is not a neuroglancer precomputed info file (a JSON object with \"type\" "
+                        'and "scales"): pass a precomputed volume, a zarr array or a TensorStore JSON spec.')
+    return {"driver": "neuroglancer_precomputed", "kvstore": kvstore}
+  return None
+
+
+def _path_spec(path: pathlib.Path) -> tuple[dict, Multiscale | None]:
   """(TensorStore spec, OME multiscales or None) of a local volume path, chosen from the files it holds."""
   if not path.exists():
     raise VolumeError(f"the input volume {path} does not exist; pass --config.predict.input=PATH.zarr (or .n5, a "
                       "precomputed folder, or a TensorStore JSON spec).")
-  multiscales = _multiscales(path) if path.suffix == ".zarr" else None
-  if multiscales:
-    first = multiscales[0]["datasets"][0]["path"]
-    spec, _ = _path_spec(path / first)
-    return spec, multiscales
-  kvstore = {"driver": "file", "path": str(path.resolve())}
-  if (path / "zarr.json").is_file():
-    return {"driver": "zarr3", "kvstore": kvstore}, None
-  if (path / ".zarray").is_file():
-    return {"driver": "zarr", "kvstore": kvstore}, None
-  if (path / "attributes.json").is_file():
-    return {"driver": "n5", "kvstore": kvstore}, None
-  if (path / "info").is_file():
-    return {"driver": "neuroglancer_precomputed", "kvstore": kvstore}, None
-  raise VolumeError(f"{path} holds no zarr array (.zarray / zarr.json), OME-Zarr image group, N5 dataset "
-                    "(attributes.json) or precomputed volume (info): pass the array itself or a TensorStore JSON "
-                    "spec.")
+  multiscale = _multiscales(path) if path.suffix == ".zarr" else None
+  if multiscale is not None:
+    folder = _dataset_folder(path, multiscale)
+    spec = _array_spec_at(folder) if folder.is_dir() else None
+    if spec is None:
+      raise multiscale.error(f"names the dataset path {multiscale.path!r}, but {folder} "
+                             f"{'holds no array' if folder.exists() else 'does not exist'}")
+    return spec, multiscale
+  spec = _array_spec_at(path)
+  if spec is None:
+    raise VolumeError(f"{path} holds no zarr array (.zarray / zarr.json), OME-Zarr image group, N5 dataset "
+                      "(attributes.json) or precomputed volume (info): pass the array itself or a TensorStore JSON "
+                      "spec.")
+  return spec, None
 
 
-def input_spec(text: str) -> tuple[dict, list | None]:
+def input_spec(text: str) -> tuple[dict, Multiscale | None]:
   """(TensorStore spec, OME multiscales or None) for --config.predict.input: a JSON spec, a file:// URL or a path."""
   text = str(text).strip()
   if text.startswith("{"):
     try:
       spec = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
       raise VolumeError(f"--config.predict.input is not valid JSON ({e}): pass a TensorStore spec such as "
                         '{"driver": "zarr", "kvstore": "file:///data/em.zarr"}.') from e
+    if not isinstance(spec, dict):
+      raise VolumeError("--config.predict.input is JSON but not an object: pass a TensorStore spec such as "
+                        '{"driver": "zarr", "kvstore": "file:///data/em.zarr"}.')
     return spec, None
   return _path_spec(_local_path(text))
 
 
-def _ome_scale(multiscales: list | None, ndim: int) -> tuple[list[float], list[str]]:
-  """Pixel size and unit per stored axis of the first level of OME multiscales (1.0 / "" where not given)."""
-  scale, units = [1.0] * ndim, [""] * ndim
-  if not multiscales:
-    return scale, units
-  first = multiscales[0]
-  axes = first.get("axes", [])
-  for transform in first["datasets"][0].get("coordinateTransformations", []):
-    if transform.get("type") == "scale" and len(transform.get("scale", [])) == ndim:
-      scale = [float(s) for s in transform["scale"]]
-  if len(axes) == ndim:
-    units = [a.get("unit", "") if isinstance(a, dict) else "" for a in axes]
+def _ome_scale(multiscale: Multiscale | None, ndim: int) -> tuple[list[float], list[str], list[dict | None]]:
+  """Pixel size, unit and axis (or None) per stored axis of the first level (1.0 / "" / None where not given); the
+  metadata must describe as many axes as the array has."""
+  if multiscale is None:
+    return [1.0] * ndim, [""] * ndim, [None] * ndim
+  for what, values in (("axes", multiscale.axes), ("scale values", multiscale.scale)):
+    if values is not None and len(values) != ndim:
+      raise multiscale.error(f"gives {len(values)} {what} for the {ndim}-D array {multiscale.path!r}")
+  scale = list(multiscale.scale) if multiscale.scale is not None else [1.0] * ndim
+  axes = list(multiscale.axes) if multiscale.axes is not None else [None] * ndim
+  return scale, [a["unit"] if a else "" for a in axes], axes
+
+
+def _in_nm(scale: list[float], units: list[str], axes: list[dict | None], where: str) -> tuple[list, list]:
+  """The kept axes' pixel sizes in nanometres (unit "nanometer") wherever a length unit is given; a unit that is no
+  length is refused on y and x (and allowed on the section axis when it is a time unit), never skipped: a skipped
+  unit would let a volume at another pixel size through the pixel-size check."""
+  scale, units = list(scale), list(units)
+  for i, unit in enumerate(units):
+    if not unit:
+      continue
+    factor = unit_nm(unit)
+    if factor is not None:
+      scale[i], units[i] = scale[i] * factor[0] / factor[1], "nanometer"
+    elif not (unit.strip().lower() in _TIME_UNITS and i < len(units) - 2):
+      name = axes[i]["name"] if axes[i] else str(i)
+      raise VolumeError(f"{where}: the axis {name!r} has the unit {unit!r}, which is not a length unit of OME-NGFF "
+                        "(e.g. nanometer, micrometer, angstrom); fix the unit in the metadata.")
   return scale, units
+
+
+def _is_channel(axis: dict | None) -> bool:
+  return bool(axis) and (axis["type"].lower() == "channel" or axis["name"].lower() in ("c", "channel"))
+
+
+def _check_gray(text: str, shape: tuple[int, ...], axes: list[dict | None]) -> None:
+  """Refuses colour volumes: a channel axis of the metadata longer than 1, or (without axes saying the last axis is
+  x) a trailing axis of 3 or 4, the layout of RGB(A) images ([H, W, 3], [Z, H, W, 4]); read as gray they would be
+  predicted as sections 3 pixels wide."""
+  for n, axis in zip(shape, axes):
+    if _is_channel(axis) and n > 1:
+      raise VolumeError(f"the input volume {text} has shape {list(shape)} with a channel axis {axis['name']!r} of "
+                        f"{n}: convert it to 8-bit grayscale (one channel) first, or select one channel with a "
+                        "TensorStore spec transform.")
+  last = axes[-1]
+  if len(shape) >= 3 and shape[-1] in (3, 4) and not (last and last["name"].lower() == "x"):
+    raise VolumeError(f"the input volume {text} has shape {list(shape)}: a last axis of {shape[-1]} is the layout of "
+                      f"{'RGB' if shape[-1] == 3 else 'RGBA'} colour, not a section {shape[-1]} pixels wide; convert "
+                      "it to 8-bit grayscale [Z, H, W] first (e.g. the mean of the colour channels).")
 
 
 def open_input(text: str) -> InputVolume:
   """Opens --config.predict.input as an InputVolume (shape checked, metadata read); see the module docstring.
 
   The recorded spec is that of the view predicted: leading size-1 axes dropped, a precomputed volume's
-  [x, y, z, channel] turned into [z, y, x], and the origin moved to 0 (so block coordinates start at 0).
+  [x, y, z, channel] turned into [z, y, x], and the origin moved to 0 (so block coordinates start at 0). Pixel
+  sizes are converted to nanometres.
   """
-  spec, multiscales = input_spec(text)
+  spec, multiscale = input_spec(text)
   store = _open(spec, read=True)
   if store.dtype != ts.uint8:
     raise VolumeError(f"the input volume {text} holds {store.dtype.name}, not 8-bit gray (uint8): convert it to "
@@ -163,7 +407,11 @@ def open_input(text: str) -> InputVolume:
       raise VolumeError(f"the precomputed volume {text} has {store.shape[-1]} channels; expected 1 (gray).")
     store = store[..., 0].T  # [x, y, z, c] -> [z, y, x]
   shape = tuple(int(n) for n in store.shape)
-  scale, units = _ome_scale(multiscales, len(shape))
+  if not shape or 0 in shape:
+    raise VolumeError(f"the input volume {text} is empty (shape {list(shape)}): there is nothing to predict; pass a "
+                      "volume with at least one section of at least 1 x 1 pixels.")
+  scale, units, axes = _ome_scale(multiscale, len(shape))
+  _check_gray(text, shape, axes)
   drop = 0
   while len(shape) - drop > 3:
     if shape[drop] != 1:
@@ -176,7 +424,8 @@ def open_input(text: str) -> InputVolume:
   store = store.translate_to[0]
   if drop:
     store = store[(0,) * drop]
-  kept, scale, units = shape[drop:], scale[drop:], units[drop:]
+  kept = shape[drop:]
+  scale, units = _in_nm(scale[drop:], units[drop:], axes[drop:], str(multiscale.source) if multiscale else text)
   if len(kept) == 2:
     kept, scale, units = (1, *kept), [1.0, *scale], ["", *units]
   return InputVolume(spec=store.spec().to_json(), shape=tuple(kept), ndim=len(shape) - drop,
