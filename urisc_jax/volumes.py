@@ -248,6 +248,11 @@ def _show(value) -> str:
   return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
+def _short_repr(text: str, limit: int = 80) -> str:
+  """repr of a string from a file, cut to `limit` characters: an error message stays one readable line."""
+  return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _multiscales(path: pathlib.Path) -> Multiscale | None:
   """The OME multiscales of a zarr group at `path` (v2 .zattrs or v3 zarr.json, OME-NGFF 0.4 or 0.5), if any."""
   source = path / ".zattrs"
@@ -269,17 +274,17 @@ def _multiscales(path: pathlib.Path) -> Multiscale | None:
 def _dataset_folder(group: pathlib.Path, multiscale: Multiscale) -> pathlib.Path:
   """The level-0 dataset folder, which must lie inside the group: the metadata names a relative path without '..'
   that does not lead out through a symlink (an image group's metadata must not reach other files)."""
-  text = multiscale.path
+  text, shown = multiscale.path, _short_repr(multiscale.path)
   relative = pathlib.PurePosixPath(text)
   if "\x00" in text or "\\" in text or relative.is_absolute() or ".." in relative.parts or not relative.parts:
-    raise multiscale.error(f'names the dataset path {text!r}, which is not a path inside the image group {group}')
+    raise multiscale.error(f'names the dataset path {shown}, which is not a path inside the image group {group}')
   folder = group / relative
   try:
     inside = folder.resolve().is_relative_to(group.resolve()) and folder.resolve() != group.resolve()
   except (OSError, RuntimeError) as e:  # a symlink loop
-    raise multiscale.error(f"names the dataset path {text!r}, which cannot be resolved ({e})") from e
+    raise multiscale.error(f"names the dataset path {shown}, which cannot be resolved ({e})") from e
   if not inside:
-    raise multiscale.error(f"names the dataset path {text!r}, which leads out of the image group {group} (through "
+    raise multiscale.error(f"names the dataset path {shown}, which leads out of the image group {group} (through "
                            f"a symlink to {folder.resolve()})")
   return folder
 
@@ -309,10 +314,15 @@ def _path_spec(path: pathlib.Path) -> tuple[dict, Multiscale | None]:
   multiscale = _multiscales(path) if path.suffix == ".zarr" else None
   if multiscale is not None:
     folder = _dataset_folder(path, multiscale)
-    spec = _array_spec_at(folder) if folder.is_dir() else None
+    try:
+      spec = _array_spec_at(folder) if folder.is_dir() else None
+      missing = spec is None and not folder.exists()
+    except OSError as e:  # e.g. a name too long for the file system
+      raise multiscale.error(f"names the dataset path {_short_repr(multiscale.path)}, which cannot be read "
+                             f"({e.strerror})") from e
     if spec is None:
-      raise multiscale.error(f"names the dataset path {multiscale.path!r}, but {folder} "
-                             f"{'holds no array' if folder.exists() else 'does not exist'}")
+      raise multiscale.error(f"names the dataset path {_short_repr(multiscale.path)}, which "
+                             f"{'does not exist' if missing else 'holds no array'} in the image group {path}")
     return spec, multiscale
   spec = _array_spec_at(path)
   if spec is None:
