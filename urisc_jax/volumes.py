@@ -4,7 +4,11 @@ Input (`open_input`): a TensorStore JSON spec string, a `file://` URL, or a loca
 an array or an OME-Zarr image group, whose first multiscale level is read), `*.n5`, or a folder with a neuroglancer
 `info` file (precomputed). The array is 2-D [H, W] or a 3-D stack [Z, H, W] whose first axis is the section
 index (leading axes of size 1, e.g. OME's t and c, are dropped); 8-bit gray, as the rest of the project reads.
-The pixel size is read from OME-Zarr multiscales metadata when there is any.
+The pixel size is read from OME-Zarr multiscales metadata when there is any, converted to nm from any OME-NGFF
+length unit. Input metadata is checked before use, and whatever cannot be a gray volume is refused with one
+VolumeError naming the file and the fix: garbled multiscales, a dataset path leaving the image group, a unit that
+is no length, a colour axis ([..., H, W, 3] or an OME channel axis), an empty array. A folder is a precomputed
+volume only when its `info` is a precomputed info and it holds no images.
 
 Output (`create_output`): an OME-Zarr 0.4 image group that napari and Neuroglancer open as it is:
 
@@ -23,6 +27,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import stat
 import urllib.parse
 
 import numpy as np
@@ -83,8 +88,11 @@ MAX_METADATA_BYTES = 16 << 20
 def _read_json(path: pathlib.Path) -> dict | None:
   """The JSON object in `path`, None when there is no such file; anything else than a readable object is refused."""
   try:
-    if path.stat().st_size > MAX_METADATA_BYTES:
-      raise VolumeError(f"the metadata file {path} is {path.stat().st_size} bytes, more than metadata ever is "
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):  # a folder, or a pipe that would block the read forever
+      raise VolumeError(f"the metadata file {path} is not a regular file; is the volume complete?")
+    if info.st_size > MAX_METADATA_BYTES:
+      raise VolumeError(f"the metadata file {path} is {info.st_size} bytes, more than metadata ever is "
                         f"({MAX_METADATA_BYTES} bytes); is it the right file?")
     value = json.loads(path.read_text())
   except FileNotFoundError:

@@ -289,3 +289,12 @@ def test_predict_on_garbled_multiscales_exits_2_with_one_line(tmp_path):
   lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and f"{group / '.zattrs'}: the OME-Zarr multiscales metadata" in lines[0], result.stderr
   assert before == {p: p.read_bytes() for p in group.rglob("*") if p.is_file()}
+
+
+def test_metadata_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  group = _ome_group(tmp_path / "g.zarr", np.zeros((2, 40, 50), np.uint8))
+  (group / ".zattrs").unlink()
+  os.mkfifo(group / ".zattrs")  # nobody writes: a read would block forever
+  with pytest.raises(volumes.VolumeError, match=r"\.zattrs is not a regular file"):
+    volumes.open_input(str(group))
