@@ -123,6 +123,7 @@ def test_a_relative_output_and_workers_in_another_folder_write_and_resume_the_sa
   elsewhere = tmp_path / "workers_cwd"
   elsewhere.mkdir()
   monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(volume_predict, "_in_flight", lambda workers: 3)  # 8 blocks through a window of 3
   previous = client.run(os.getcwd)
   client.run(os.chdir, str(elsewhere))  # as an external cluster's workers, started in their own folder
   try:
