@@ -209,6 +209,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.predict.volume.chunk = 512
   config.predict.volume.levels = 3
   config.predict.volume.dtype = "uint8"
+  # Refuse volumes of more blocks (sections x blocks per section) than this: a declared shape costs nothing on disk
+  # ([1e8, 64, 64] in a sparse zarr is 8 KB) but one Dask task and one marker per block.
+  config.predict.volume.max_blocks = 1_000_000
   # Blocks are Dask tasks: address "" = a LocalCluster of `workers` processes (0 = one per accelerator, or 2 on the
   # CPU), else a running scheduler's address, e.g. "tcp://10.0.0.5:8786" (launch/dask_slurm.py starts one on SLURM).
   # A block that raises is retried `retries` times; a lost worker's blocks go to another worker.

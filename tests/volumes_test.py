@@ -173,6 +173,7 @@ def test_main_refuses_a_missing_volume_with_exit_status_2(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   repo = pathlib.Path(__file__).resolve().parents[1]
+  (tmp_path / "run").mkdir()  # prediction refuses a workdir that does not exist before it reads the input
   out = subprocess.run([sys.executable, "-m", "urisc_jax.main", "--config=configs/default.py",
                         f"--workdir={tmp_path / 'run'}", "--mode=predict",
                         f"--config.predict.input={tmp_path / 'missing.zarr'}",

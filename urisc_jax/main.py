@@ -143,6 +143,11 @@ def main(argv):
     config_checks.validate(config, _MODE.value)
     if workdir.exists() and not workdir.is_dir():
       raise config_checks.ConfigError(f"--workdir={workdir} is a file, not a folder; pass a folder.")
+    if _MODE.value == "predict" and not workdir.exists():
+      # Prediction reads a trained run; refusing here keeps a mistyped --workdir from being created (and left).
+      raise config_checks.ConfigError(f"No checkpoint in --workdir={workdir} (it does not exist): --mode=predict "
+                                      "uses a trained run; train first (--mode=train) or pass the --workdir of a "
+                                      "trained run.")
     platforms.enable_compilation_cache(config.get("compilation_cache", "default"))
     imageio.set_max_pixels(config.data.max_image_pixels)
     # Process 0 holds the workdir for the whole job: a second run there stops at once, naming the first.

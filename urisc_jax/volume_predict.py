@@ -11,8 +11,16 @@ for the writers at the end and redoes any block left without a marker. A rerun s
 a run stopped at any point finishes by computing only what is missing, and a block cut off between its write and
 its marker is simply computed again (same values). A worker lost mid-run loses only the blocks it held: the scheduler hands them to
 another worker (`distributed.scheduler.allowed-failures` times), and a block that raises is retried
-`config.predict.dask.retries` times. OUT.zarr/.blocks/run.json records what the blocks were computed with; a rerun
-with other settings, model step or input is refused rather than mixed in.
+`config.predict.dask.retries` times. OUT.zarr/.blocks/run.json records what the blocks were computed with (the
+input's identity too: its metadata files' size and time, a digest of a few windows); a rerun with other settings,
+model step or input data is refused rather than mixed in. Each marker carries the run's digest and a fingerprint of
+its block's chunk files: a rerun trusts a marker only when both match (a marker of another run is refused, one
+whose chunks are missing or changed is dropped and its block computed again).
+
+Nothing is written before every check that can refuse has passed: the output is apart from the input (real paths
+compared), holds no symlink, is new, empty or this prediction's, and the volume's block count is within
+config.predict.volume.max_blocks. Blocks are planned lazily and submitted a bounded number at a time, so the
+driver's memory does not grow with the section count.
 
 On the CPU each worker runs XLA single-threaded (`worker_env`): N workers on N cores then run side by side
 instead of fighting over the same cores.
@@ -23,14 +31,16 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
 import pathlib
+import re
 import resource
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -40,6 +50,11 @@ from urisc_jax.volumes import VolumeError
 
 MARKERS = ".blocks"
 RUN_FILE = "run.json"
+_MARKER_NAME = re.compile(r"^(\d+)-(\d+)-(\d+)$")
+# config.predict.volume.max_blocks when a config has none: sections x blocks per section a run may declare. Each
+# block is one Dask task and one marker; 10^6 blocks of 4096^2 px are 16 Tpx. A declared shape (a sparse zarr's
+# [1e8, 64, 64] costs 8 KB on disk) beyond it is refused before anything is planned.
+DEFAULT_MAX_BLOCKS = 1_000_000
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -121,8 +136,10 @@ def _write_block(state: dict, out: volumes.OutputVolume, key: str, z: int, block
   """Writes a block's chunks (every level), then its marker: the marker exists only once the data is durable."""
   start = time.perf_counter()
   state["writer"].write(z, block.top, block.left, stored, mask)
-  outputs.write_text(marker_path(out.path, z, block), json.dumps({"z": z, **dataclasses.asdict(block),
-                                                                  "run": key}) + "\n")
+  files = volumes.block_chunk_files(out, z, block.top, block.bottom, block.left, block.right)
+  outputs.write_text(marker_path(out.path, z, block), json.dumps({
+      "z": z, **dataclasses.asdict(block), "run": key, "digest": key.rsplit(":", 1)[-1],
+      "chunks": volumes.chunk_fingerprint(out.path, files)}) + "\n")
   state["write_busy_s"] += time.perf_counter() - start
 
 
@@ -250,23 +267,154 @@ def dask_client(address: str = "", workers: int = 0):
     yield client
 
 
-def _run_record(job: VolumeJob, step: int, settings: dict) -> dict:
+def _run_record(job: VolumeJob, step: int, settings: dict, identity: dict) -> dict:
   return {"input": job.volume.spec, "shape": list(job.volume.shape), "model": job.model, "step": step,
-          "threshold": job.threshold, "mean": job.mean, "std": job.std, "predict": job.predict, **settings}
+          "threshold": job.threshold, "mean": job.mean, "std": job.std, "predict": job.predict,
+          "input_identity": identity, **settings}
 
 
-def _check_run_record(out_path: pathlib.Path, record: dict) -> None:
-  """Writes OUT.zarr/.blocks/run.json, or refuses a rerun into it with different settings (names the keys)."""
+def input_identity(volume: volumes.InputVolume, locations: list[pathlib.Path]) -> dict:
+  """What tells this input's data from other data at the same path, cheaply: the size and modification time of its
+  metadata files, and a digest of a few windows (first, middle and last section; corner and centre). Part of the
+  run record, so a rerun over input that was rewritten or replaced is refused instead of mixing two inputs' blocks
+  (the shape, dtype and chunk layout are in the record's input spec)."""
+  files = {}
+  for location in locations:
+    for name in (".zarray", ".zattrs", "zarr.json", "attributes.json", "info"):
+      path = location / name
+      if path.is_file():
+        stat = path.stat()
+        files[str(path)] = [stat.st_size, stat.st_mtime_ns]
+  reader = volumes.SectionReader(volume)
+  sample = hashlib.sha256()
+  depth, height, width = volume.shape
+  side = 256
+  for z in sorted({0, depth // 2, depth - 1}):
+    for top, left in sorted({(0, 0), (max(0, height // 2 - side // 2), max(0, width // 2 - side // 2))}):
+      sample.update(reader.read(z, slice(top, min(height, top + side)), slice(left, min(width, left + side))).tobytes())
+  return {"files": files, "sample": sample.hexdigest()[:16]}
+
+
+def block_count(shape: tuple[int, int, int], block: int) -> int:
+  """Blocks of a volume of `shape` (Z, H, W): sections x blocks per section, without listing them."""
+  return shape[0] * -(-shape[1] // block) * -(-shape[2] // block)
+
+
+def check_work_size(shape: tuple[int, int, int], block: int, max_blocks: int, name: str) -> int:
+  """The block count of the volume, or a refusal (naming the shape and the key that raises the cap) when it exceeds
+  config.predict.volume.max_blocks: the shape comes from the file, and a declared [1e8, 64, 64] costs nothing on
+  disk but 10^8 tasks and markers."""
+  count = block_count(shape, block)
+  if count > max_blocks:
+    raise VolumeError(f"the input volume {name} has shape {list(shape)}: {count} blocks of {block} x {block} px, "
+                      f"more than config.predict.volume.max_blocks={max_blocks}. Predict a sub-volume (a TensorStore "
+                      "spec with a transform), raise config.predict.volume.block, or raise "
+                      "--config.predict.volume.max_blocks if the volume really is that large.")
+  return count
+
+
+def plan_work(sections: int, blocks: list[blockwise.Block]) -> Iterator[tuple[int, blockwise.Block]]:
+  """Every (section, block) of the volume, lazily (the driver never holds the list)."""
+  for z in range(sections):
+    for block in blocks:
+      yield z, block
+
+
+def marker_name(z: int, block: blockwise.Block) -> str:
+  return f"{z}-{block.top}-{block.left}"
+
+
+def marker_names(out_path) -> set[str]:
+  """The names of the block markers present, from one listing of the marker folder (not a stat per block)."""
+  try:
+    with os.scandir(pathlib.Path(out_path) / MARKERS) as entries:
+      return {e.name for e in entries if _MARKER_NAME.match(e.name)}
+  except FileNotFoundError:
+    return set()
+
+
+def pending_work(work: Iterator[tuple[int, blockwise.Block]], done: set[str]):
+  """The (section, block) pairs of `work` without a marker in `done`, lazily."""
+  return ((z, b) for z, b in work if marker_name(z, b) not in done)
+
+
+def _read_marker(path: pathlib.Path) -> dict | None:
+  """A marker's record, or None where it cannot be read whole (truncated, garbled): that block is computed again."""
+  try:
+    marker = json.loads(path.read_text())
+  except (OSError, ValueError, UnicodeDecodeError):
+    return None
+  return marker if isinstance(marker, dict) and isinstance(marker.get("chunks"), dict) else None
+
+
+def check_markers(out: volumes.OutputVolume, digest: str, blocks: list[blockwise.Block], sections: int,
+                  names: set[str]) -> tuple[set[str], list[str]]:
+  """(markers to trust, markers to drop) among `names`: a marker is trusted when it is of this run (its digest) and
+  every chunk file of its block is as it recorded (`volumes.chunks_intact`); a marker that cannot be read or whose
+  chunks are missing or changed is dropped, and its block computed again. A readable marker of another run
+  (other settings, model or input) is refused: its chunks are not this prediction's."""
+  by_origin = {(b.top, b.left): b for b in blocks}
+  good, bad = set(), []
+  for name in names:
+    z, top, left = (int(v) for v in _MARKER_NAME.match(name).groups())
+    block = by_origin.get((top, left))
+    if block is None or z >= sections:
+      continue  # not a block of this layout (the run record would have differed)
+    marker = _read_marker(pathlib.Path(out.path) / MARKERS / name)
+    if marker is None:
+      bad.append(name)
+      continue
+    if marker.get("digest") != digest:
+      raise VolumeError(f"{out.path} holds blocks of another prediction ({MARKERS}/{name} was computed with other "
+                        "settings, another model or other input data than this run's); pass a new "
+                        "--config.predict.output to start over, rather than mixing the two.")
+    files = volumes.block_chunk_files(out, z, block.top, block.bottom, block.left, block.right)
+    if volumes.chunks_intact(out.path, files, marker["chunks"]):
+      good.add(name)
+    else:
+      bad.append(name)
+  return good, bad
+
+
+def existing_output(out_path: pathlib.Path) -> str:
+  """What is at the output path, refusing a folder that is not a prediction's output before anything is written:
+  "new" (absent, or an empty folder), "record" (holds a run record: `check_run_record` compares it) or "markers"
+  (block markers without their record, which was deleted: `check_markers` compares their digests with this run's).
+  Anything else (a user's folder, a file) is refused and left as it is."""
+  if not out_path.exists():
+    return "new"
+  if not out_path.is_dir():
+    raise VolumeError(f"--config.predict.output={out_path} is a file, not an output folder; pass a new path "
+                      "ending in .zarr.")
+  if not any(out_path.iterdir()):
+    return "new"
+  if (out_path / MARKERS / RUN_FILE).exists():
+    return "record"
+  if marker_names(out_path):
+    return "markers"
+  raise VolumeError(f"--config.predict.output={out_path} exists and is not the output of a prediction (it holds no "
+                    f"{MARKERS}/{RUN_FILE}); it is left as it is. Pass a new --config.predict.output, or an empty "
+                    "folder.")
+
+
+def check_run_record(out_path: pathlib.Path, record: dict) -> None:
+  """Refuses, before anything is written, a rerun into an output whose run record differs from this run's (naming
+  the keys; the input's identity among them: the data at the input path changed)."""
   path = out_path / MARKERS / RUN_FILE
-  record = json.loads(json.dumps(record))  # tuples -> lists, as stored
-  if path.exists():
+  try:
     stored = json.loads(path.read_text())
-    differ = sorted(k for k in set(stored) | set(record) if stored.get(k) != record.get(k))
-    if differ:
-      raise VolumeError(f"{out_path} holds blocks of another prediction (it differs in: {', '.join(differ)}); "
-                        "remove it, or pass another --config.predict.output, rather than mixing the two.")
-    return
-  outputs.write_json(path, record)
+  except (OSError, ValueError) as e:
+    raise VolumeError(f"the run record {path} cannot be read ({e}); pass a new --config.predict.output to start "
+                      "over.") from e
+  record = json.loads(json.dumps(outputs.json_safe(record)))  # tuples -> lists, as stored
+  differ = sorted(k for k in set(stored) | set(record) if stored.get(k) != record.get(k))
+  if "input_identity" in differ:
+    raise VolumeError(f"the input data changed since {out_path} was started (its metadata files or sampled "
+                      f"content differ from those recorded in {path}; differs in: {', '.join(differ)}): pass a new "
+                      "--config.predict.output to start over, rather than mixing two inputs' blocks.")
+  if differ:
+    raise VolumeError(f"{out_path} holds blocks of another prediction (it differs in: {', '.join(differ)}); "
+                      "pass another --config.predict.output (or remove that folder) rather than mixing the two.")
 
 
 def _check_pixel_size(config, volume: volumes.InputVolume) -> None:
@@ -291,6 +439,11 @@ def _check_pixel_size(config, volume: volumes.InputVolume) -> None:
 def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dict], None] | None = None) -> dict:
   """Predicts the volume `config.predict.input` into the OME-Zarr `config.predict.output`, blockwise on Dask.
 
+  Every check that can refuse runs before anything is written: the output is apart from the input (symlinks
+  resolved), holds no symlink, is absent, empty or this very prediction's (same settings, model and input data),
+  and the volume's block count is within config.predict.volume.max_blocks. Markers whose chunks are missing or
+  changed are dropped and their blocks computed again.
+
   Args:
     config: the run config (model, data normalization, predict incl. predict.volume and predict.dask).
     workdir: the trained run (its latest checkpoint and stored threshold).
@@ -312,11 +465,17 @@ def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dic
                       "config.predict.postprocess.* to 0 for a volume.")
   volume = volumes.open_input(pc.input)
   _check_pixel_size(config, volume)
-  out_path = pathlib.Path(pc.output or workdir / "predictions.zarr")
+  # Absolute (workers may run in another folder) and resolved (compared with the input's real location).
+  out_path = volumes.output_location(pc.output or workdir / "predictions.zarr")
+  locations = volumes.input_locations(pc.input, volume)
+  volumes.check_output_apart(out_path, locations)
   vc = pc.volume
   if vc.chunk % 2 ** (vc.levels - 1):
     raise VolumeError(f"config.predict.volume.chunk={vc.chunk} must be a multiple of 2^(levels - 1) = "
                       f"{2 ** (vc.levels - 1)} so that every pyramid level keeps whole chunks.")
+  total = check_work_size(volume.shape, vc.block, vc.get("max_blocks", DEFAULT_MAX_BLOCKS), pc.input)
+  volumes.refuse_symlinks(out_path)
+  existing = existing_output(out_path)
   section = volume.shape[1:]
   blocks = blockwise.block_grid(section, vc.block, chunk=vc.chunk)
   model = state.build_model(config.model)
@@ -325,22 +484,38 @@ def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dic
   if meta.get("normalization"):
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
   threshold = predict_lib.decision_threshold(config, workdir, step)
-  out = volumes.create_output(out_path, volume, chunk=vc.chunk, levels=vc.levels, dtype=vc.dtype)
   tiling = {k: pc.get(k) for k in ("tile", "step", "blend", "halo", "batch_size", "tta")}
   settings = {"block": vc.block, "chunk": vc.chunk, "levels": vc.levels, "dtype": vc.dtype}
-  job = VolumeJob(key="", volume=volume, out=out, model=config.model.to_dict(), predict=tiling, mean=float(mean),
-                  std=float(std), threshold=float(threshold), plan=blockwise.section_plan(section, pc))
-  record = _run_record(job, step, settings)
+  # The output's arrays as they will be (nothing is created yet): the markers' chunk files are checked against them.
+  planned = volumes.output_volume(out_path, volume, chunk=vc.chunk, levels=vc.levels, dtype=vc.dtype)
+  job = VolumeJob(key="", volume=volume, out=planned, model=config.model.to_dict(), predict=tiling,
+                  mean=float(mean), std=float(std), threshold=float(threshold),
+                  plan=blockwise.section_plan(section, pc))
+  record = json.loads(json.dumps(outputs.json_safe(_run_record(job, step, settings,
+                                                               input_identity(volume, locations)))))
   digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
-  job = dataclasses.replace(job, key=f"{out_path.resolve()}:{digest}")
-  _check_run_record(out_path, record)
-  work = [(z, b) for z in range(volume.shape[0]) for b in blocks]
-  todo = [(z, b) for z, b in work if not marker_path(out_path, z, b).exists()]
-  summary = {"output": str(out_path), "shape": list(volume.shape), "blocks": len(work),
-             "skipped": len(work) - len(todo), "computed": 0, "pixels": 0, "seconds": 0.0, "read_s": 0.0,
-             "compute_s": 0.0, "write_s": 0.0, "redone": 0, "threshold": float(threshold), "step": step}
-  if not todo:
+  if existing == "record":
+    check_run_record(out_path, record)
+  done, damaged = check_markers(planned, digest, blocks, volume.shape[0], marker_names(out_path))
+  # Every check has passed: from here on the output is written.
+  out = volumes.create_output(out_path, volume, chunk=vc.chunk, levels=vc.levels, dtype=vc.dtype, record=record)
+  if existing == "markers":  # the record was deleted; the markers showed that the blocks are of this run
+    outputs.write_json(out_path / MARKERS / RUN_FILE, record)
+  for name in damaged:
+    (out_path / MARKERS / name).unlink(missing_ok=True)
+  if damaged:
+    logging.warning("volume %s: %d block markers had missing or changed chunks; those blocks are computed again",
+                    out_path, len(damaged))
+  job = dataclasses.replace(job, key=f"{out_path}:{digest}", out=out)
+  summary = {"output": str(out_path), "shape": list(volume.shape), "blocks": total, "skipped": len(done),
+             "computed": 0, "pixels": 0, "seconds": 0.0, "read_s": 0.0, "compute_s": 0.0, "write_s": 0.0,
+             "redone": 0, "damaged": len(damaged), "threshold": float(threshold), "step": step}
+  todo = pending_work(plan_work(volume.shape[0], blocks), done)
+  first = next(todo, None)
+  del done
+  if first is None:
     return _finish(summary, None)
+  todo = itertools.chain([first], todo)
   host_variables = jax.device_get(variables)
   with contextlib.ExitStack() as stack:
     if client is None:
@@ -350,36 +525,36 @@ def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dic
     client.run(peak_rss_bytes, reset=True)
     cpu_before = client.run(cpu_seconds)
     weights = client.scatter(host_variables, broadcast=True, hash=False)
-    from distributed import as_completed  # pylint: disable=g-import-not-at-top
     summary["write_busy_s"] = 0.0
     submit = functools.partial(client.submit, run_block, job, weights, retries=pc.dask.retries, pure=False)
     rounds = 0
-    with tqdm(total=len(work), initial=summary["skipped"], desc="volume", unit="block") as bar:
-      while todo:
-        futures = [submit(z, b, key=f"block-{z}-{b.top}-{b.left}-{job.key}-{rounds}") for z, b in todo]
-        try:
-          for future in as_completed(futures):
-            timings = future.result()
-            summary["computed"] += rounds == 0
-            for key in ("pixels", "read_s", "compute_s", "write_s"):
-              summary[key] += timings[key]
-            bar.update(rounds == 0)
-            if on_block is not None:
-              on_block(summary["computed"], timings)
-        finally:
-          # A driver that stops (an error, Ctrl-C) takes its unfinished blocks off a cluster that outlives it; the
-          # finished ones are released too, so that a lost worker's results are not computed again behind our back.
-          client.cancel(futures)
+    with tqdm(total=total, initial=summary["skipped"], desc="volume", unit="block") as bar:
+      while True:
+
+        def done_one(timings, first_round=rounds == 0):
+          summary["computed"] += first_round
+          for key in ("pixels", "read_s", "compute_s", "write_s"):
+            summary[key] += timings[key]
+          bar.update(first_round)
+          if on_block is not None:
+            on_block(summary["computed"], timings)
+
+        submitted = _run_round(client, submit, todo, rounds, job.key, _in_flight(summary["workers"]), done_one)
+        summary["redone"] += submitted if rounds else 0
         flushed = client.run(flush_writes)
         summary["write_busy_s"] += sum(f["write_busy_s"] for f in flushed.values())
         errors = [e for f in flushed.values() for e in f["errors"]]
         # A block whose write failed, or whose worker was lost with the write in flight, has no marker: redo it.
-        todo = [(z, b) for z, b in todo if not marker_path(out_path, z, b).exists()]
+        todo = pending_work(plan_work(volume.shape[0], blocks), marker_names(out_path))
+        first = next(todo, None)
+        if first is None:
+          break
         rounds += 1
-        if todo and rounds > pc.dask.retries:
-          raise VolumeError(f"{len(todo)} blocks of {out_path} were not written after {rounds} rounds (first: "
-                            f"section {todo[0][0]}, {todo[0][1]}; writer errors: {errors[:3]}); rerun to finish them.")
-        summary["redone"] += len(todo)
+        if rounds > pc.dask.retries:
+          left = 1 + sum(1 for _ in todo)
+          raise VolumeError(f"{left} blocks of {out_path} were not written after {rounds} rounds (first: "
+                            f"section {first[0]}, {first[1]}; writer errors: {errors[:3]}); rerun to finish them.")
+        todo = itertools.chain([first], todo)
     summary["seconds"] = time.perf_counter() - start
     summary["worker_peak_rss_gib"] = max(client.run(peak_rss_bytes).values()) / 2**30
     # How much CPU the workers got: N workers on N cores that are free use about N x seconds.
@@ -387,6 +562,41 @@ def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dic
     summary["worker_cpu_s"] = sum(cpu_after[w] - cpu_before.get(w, 0.0) for w in cpu_after)
   logging.info("volume %s: %d blocks computed, %d skipped", out_path, summary["computed"], summary["skipped"])
   return _finish(summary, out_path)
+
+
+def _in_flight(workers: int) -> int:
+  """Blocks submitted at a time: enough to keep every worker busy, few enough that the driver and the scheduler
+  hold a bounded number of tasks whatever the volume's size."""
+  return max(16, 4 * workers)
+
+
+def _run_round(client, submit, todo, rounds: int, run_key: str, limit: int, done_one) -> int:
+  """Submits the blocks of `todo` (lazily, at most `limit` in flight), calling done_one(timings) as each finishes.
+  Returns how many were submitted."""
+  from distributed import as_completed  # pylint: disable=g-import-not-at-top
+  finished = as_completed()
+  live = set()
+  submitted = 0
+
+  def top_up():
+    nonlocal submitted
+    for z, b in itertools.islice(todo, max(0, limit - len(live))):
+      future = submit(z, b, key=f"block-{z}-{b.top}-{b.left}-{run_key}-{rounds}")
+      live.add(future)
+      finished.add(future)
+      submitted += 1
+
+  try:
+    top_up()
+    for future in finished:
+      live.discard(future)
+      done_one(future.result())
+      top_up()
+  finally:
+    # A driver that stops (an error, Ctrl-C) takes its unfinished blocks off a cluster that outlives it; finished
+    # ones are released as their futures go, so that a lost worker's results are not computed again behind our back.
+    client.cancel(list(live))
+  return submitted
 
 
 def _finish(summary: dict, out_path) -> dict:

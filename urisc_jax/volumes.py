@@ -21,13 +21,22 @@ Output (`create_output`): an OME-Zarr 0.4 image group that napari and Neuroglanc
 Arrays are zarr v2 with "/" chunk keys (what OME-Zarr 0.4 asks for), chunked [1, C, C] at level 0 and
 [1, C / 2^k, C / 2^k] at level k, so that a block of level 0 aligned to chunks maps to whole chunks of every level:
 no two writers ever touch one chunk.
+
+The output is never the input, inside it or holding it (`check_output_apart`, real paths), is never written through
+a symlink (`refuse_symlinks`), and a new one appears whole or not at all: it is built in a temporary sibling folder
+and renamed into place (`create_output`). `output_location` turns --config.predict.output (a path or file:// URL)
+into the absolute path that workers on any folder share.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import pathlib
+import shutil
 import stat
+import tempfile
 import urllib.parse
 
 import numpy as np
@@ -513,15 +522,144 @@ class OutputVolume:
   dtype: str
 
 
-def create_output(path, volume: InputVolume, *, chunk: int, levels: int, dtype: str) -> OutputVolume:
-  """Creates (or reopens, when it matches) the OME-Zarr group at `path` for a prediction of `volume`.
+def output_location(text) -> pathlib.Path:
+  """--config.predict.output as an absolute, symlink-free local path (a `file://` URL or a path, relative ones taken
+  from the current folder).
+
+  Absolute because the path travels to Dask workers, whose working folder may be another (an external cluster);
+  resolved because the output is compared with the input by where its files really are. Other URL schemes are
+  refused: the output's metadata, markers and run record are written with local file operations.
+  """
+  text = str(text).strip()
+  scheme = urllib.parse.urlparse(text).scheme if "://" in text else ""
+  if scheme and scheme != "file":
+    raise VolumeError(f"--config.predict.output={text}: {scheme}:// outputs cannot be written (the OME-Zarr output "
+                      "is a local or mounted folder); pass a path or a file:///absolute/OUT.zarr URL.")
+  if scheme == "file" and urllib.parse.urlparse(text).netloc not in ("", "localhost"):
+    raise VolumeError(f"--config.predict.output={text}: a file:// URL names another host; pass file:///ABS/OUT.zarr "
+                      "or a path.")
+  given = _local_path(text)
+  if given.suffix != ".zarr":
+    raise VolumeError(f"--config.predict.output={text}: a volume's prediction is an OME-Zarr group; name it *.zarr.")
+  return pathlib.Path(os.path.realpath(given))
+
+
+def _file_kvstore_paths(spec) -> list[str]:
+  """Every local path a TensorStore spec reads: "file" kvstores (as dicts or file:// URLs), at any depth (a
+  "base" of a transform driver, a zarr3 kvstore stack)."""
+  found = []
+  if isinstance(spec, dict):
+    if spec.get("driver") == "file" and isinstance(spec.get("path"), str):
+      found.append(spec["path"])
+    for value in spec.values():
+      found += _file_kvstore_paths(value)
+  elif isinstance(spec, list):
+    for value in spec:
+      found += _file_kvstore_paths(value)
+  elif isinstance(spec, str) and spec.startswith("file://"):
+    found.append(str(_local_path(spec)))
+  return found
+
+
+def input_locations(text: str, volume: InputVolume) -> list[pathlib.Path]:
+  """The real (resolved) local folders --config.predict.input reads: the path or file:// URL given, and the file
+  kvstores of the opened spec (for an OME-Zarr group, its level-0 array inside it). Remote inputs give none."""
+  text = str(text).strip()
+  paths = _file_kvstore_paths(volume.spec)
+  if text.startswith("{"):
+    try:
+      paths += _file_kvstore_paths(json.loads(text))
+    except ValueError:
+      pass
+  elif "://" not in text or text.startswith("file://"):
+    paths.append(str(_local_path(text)))
+  return sorted({pathlib.Path(os.path.realpath(p.rstrip("/") or "/")) for p in paths})
+
+
+def _contains(outer: pathlib.Path, inner: pathlib.Path) -> bool:
+  return inner == outer or outer in inner.parents
+
+
+def check_output_apart(out_path: pathlib.Path, inputs: list[pathlib.Path]) -> None:
+  """Refuses an output that is the input, lies inside it, or holds it (both resolved, so a symlink to the input
+  counts as the input): writing there would overwrite the data being read."""
+  out_path = pathlib.Path(os.path.realpath(out_path))
+  for location in inputs:
+    if _contains(location, out_path) or _contains(out_path, location):
+      raise VolumeError(f"--config.predict.output={out_path} overlaps the input volume {location} (the same folder, "
+                        "inside it or holding it, symlinks resolved): the prediction would overwrite the data it "
+                        "reads. Pass an output outside the input, e.g. --config.predict.output=PRED.zarr beside it.")
+
+
+def refuse_symlinks(out_path: pathlib.Path) -> None:
+  """Refuses an output holding a symlink where the prediction writes: among the entries of the output, its label
+  groups, its block markers and the first folder level of every array (sections, or rows of a 2-D output). A write
+  there would land wherever the link points (another user's data, the input)."""
+  out_path = pathlib.Path(out_path)
+  if not out_path.is_dir():
+    return
+  folders = [out_path, out_path / "labels", out_path / MASK_PATH, out_path / ".blocks"]
+  folders += [group / name for group in (out_path, out_path / MASK_PATH) if group.is_dir() and not group.is_symlink()
+              for name in os.listdir(group) if name.isdigit()]
+  for folder in folders:
+    if folder.is_symlink():
+      raise VolumeError(f"the output {out_path} holds a symlink, {folder} -> {os.readlink(folder)}: a prediction "
+                        "never writes through links. Remove the link, or pass a new --config.predict.output.")
+    if not folder.is_dir():
+      continue
+    with os.scandir(folder) as entries:
+      for entry in entries:
+        if entry.is_symlink():
+          raise VolumeError(f"the output {out_path} holds a symlink, {entry.path} -> {os.readlink(entry.path)}: a "
+                            "prediction never writes through links. Remove the link, or pass a new "
+                            "--config.predict.output.")
+
+
+def _group_files(volume: InputVolume, levels: int) -> dict[str, dict]:
+  """The OME-Zarr group metadata files of an output (relative path -> JSON)."""
+  ndim = volume.ndim
+  mask_attrs = _multiscales_attrs("membrane", ndim, levels, volume.scale, volume.units, "max")
+  mask_attrs["image-label"] = {"version": OME_VERSION, "source": {"image": "../../"},
+                               "colors": [{"label-value": 1, "rgba": [255, 0, 255, 255]}]}
+  files = {f"{group}/.zgroup".lstrip("/"): {"zarr_format": 2} for group in ("", "labels", MASK_PATH)}
+  files[".zattrs"] = _multiscales_attrs("probability", ndim, levels, volume.scale, volume.units, "mean")
+  files["labels/.zattrs"] = {"labels": ["membrane"]}
+  files[f"{MASK_PATH}/.zattrs"] = mask_attrs
+  return files
+
+
+def _level_specs(path: pathlib.Path, volume: InputVolume, chunk: int, levels: int, dtype: str):
+  """[(probability spec, mask spec)] per level, for arrays under `path`."""
+  shape = volume.shape if volume.ndim == 3 else volume.shape[1:]
+  return [tuple(_array_spec(folder / str(level), level_shape(shape, level), level_chunks(volume.ndim, chunk, level),
+                            kind)
+                for folder, kind in ((path, dtype), (path / MASK_PATH, "uint8")))
+          for level in range(levels)]
+
+
+def output_volume(path, volume: InputVolume, *, chunk: int, levels: int, dtype: str) -> OutputVolume:
+  """The OutputVolume a prediction of `volume` into `path` writes, without creating anything (the driver checks an
+  existing output's markers against it before any write)."""
+  specs = _level_specs(pathlib.Path(path), volume, chunk, levels, dtype)
+  return OutputVolume(str(path), tuple(p for p, _ in specs), tuple(m for _, m in specs), volume.ndim, dtype)
+
+
+def create_output(path, volume: InputVolume, *, chunk: int, levels: int, dtype: str,
+                  record: dict | None = None) -> OutputVolume:
+  """Creates the OME-Zarr group at `path` for a prediction of `volume`, or reopens the one an earlier attempt made.
+
+  A new output is built whole in a temporary sibling folder (groups, arrays, and `record` as .blocks/run.json) and
+  renamed into place (onto `path` when that is an empty folder): an attempt stopped midway leaves no skeleton
+  without its run record, so a later attempt recognises it. An existing output is only reopened: the caller has
+  checked that it is this prediction's (`volume_predict`), and its metadata is not rewritten.
 
   Args:
-    path: OUT.zarr.
+    path: OUT.zarr (absolute; see `output_location`).
     volume: the input, whose shape, dimensionality and pixel size the output takes.
     chunk: chunk side C at level 0 (a multiple of 2^(levels-1), so every level's chunks tile its blocks).
     levels: pyramid levels (1 = full resolution only).
     dtype: probability dtype, "uint8" or "float16".
+    record: written as .blocks/run.json of a new output.
 
   Returns:
     The OutputVolume.
@@ -531,35 +669,102 @@ def create_output(path, volume: InputVolume, *, chunk: int, levels: int, dtype: 
     raise VolumeError(f"--config.predict.output={path}: a volume's prediction is an OME-Zarr group; name it *.zarr.")
   if dtype not in PROBABILITY_DTYPES:
     raise VolumeError(f"config.predict.volume.dtype={dtype!r}: must be one of {PROBABILITY_DTYPES}.")
-  ndim = volume.ndim
-  shape = volume.shape if ndim == 3 else volume.shape[1:]
+  fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))
   try:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / MASK_PATH).mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise PermissionError(f"cannot create the output volume {path} ({e.strerror}); pass a writable "
-                          "--config.predict.output=OUT.zarr.") from e
-  for group in (path, path / "labels", path / MASK_PATH):
-    outputs.write_json(group / ".zgroup", {"zarr_format": 2})
-  outputs.write_json(path / ".zattrs", _multiscales_attrs("probability", ndim, levels, volume.scale, volume.units,
-                                                          "mean"))
-  outputs.write_json(path / "labels" / ".zattrs", {"labels": ["membrane"]})
-  mask_attrs = _multiscales_attrs("membrane", ndim, levels, volume.scale, volume.units, "max")
-  mask_attrs["image-label"] = {"version": OME_VERSION, "source": {"image": "../../"},
-                               "colors": [{"label-value": 1, "rgba": [255, 0, 255, 255]}]}
-  outputs.write_json(path / MASK_PATH / ".zattrs", mask_attrs)
-  probability, mask = [], []
-  for level in range(levels):
-    for folder, kind, specs in ((path, dtype, probability), (path / MASK_PATH, "uint8", mask)):
-      spec = _array_spec((folder / str(level)).resolve(), level_shape(shape, level), level_chunks(ndim, chunk, level),
-                         kind)
+    if fresh:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      build = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
       try:
-        ts.open(spec, create=True, open=True).result()
-      except ValueError as e:
-        raise VolumeError(f"{folder / str(level)} exists with another shape, chunking or dtype than this prediction "
-                          f"needs ({e}); remove it or pass another --config.predict.output.") from e
-      specs.append(spec)
-  return OutputVolume(str(path), tuple(probability), tuple(mask), ndim, dtype)
+        os.chmod(build, 0o777 & ~_umask())
+        for name, payload in _group_files(volume, levels).items():
+          outputs.write_json(build / name, payload)
+        if record is not None:
+          outputs.write_json(build / ".blocks" / "run.json", record)
+        for specs in _level_specs(build, volume, chunk, levels, dtype):
+          for spec in specs:
+            ts.open(spec, create=True).result()
+        os.replace(build, path)  # replaces an empty folder at `path` too
+      except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    else:
+      (path / MASK_PATH).mkdir(parents=True, exist_ok=True)
+      for name, payload in _group_files(volume, levels).items():
+        if not (path / name).exists():  # an output of an earlier version may lack one; never rewrite one
+          outputs.write_json(path / name, payload)
+  except OSError as e:
+    raise PermissionError(f"cannot create the output volume {path} ({e.strerror or e}); pass a writable "
+                          "--config.predict.output=OUT.zarr.") from e
+  out = output_volume(path, volume, chunk=chunk, levels=levels, dtype=dtype)
+  for spec in (*out.probability, *out.mask):
+    try:
+      ts.open(spec, create=True, open=True).result()
+    except ValueError as e:
+      raise VolumeError(f"{spec['kvstore']['path']} exists with another shape, chunking or dtype than this prediction "
+                        f"needs ({e}); remove it or pass another --config.predict.output.") from e
+  return out
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def block_chunk_files(out: OutputVolume, z: int, top: int, bottom: int, left: int, right: int) -> list[str]:
+  """The chunk files a block of section z writes (probability and mask, every level), relative to the output folder
+  (so that a moved output still matches): zarr v2 keys "z/row/col" ("row/col" for a 2-D output) under each array."""
+  files = []
+  for specs in (out.probability, out.mask):
+    for level, spec in enumerate(specs):
+      chunk = int(spec["metadata"]["chunks"][-1])
+      folder = os.path.relpath(spec["kvstore"]["path"], out.path)
+      bottom_k, right_k = -(-bottom // 2 ** level), -(-right // 2 ** level)  # the level's edge, rounded up
+      rows = range((top >> level) // chunk, -(-bottom_k // chunk))
+      cols = range((left >> level) // chunk, -(-right_k // chunk))
+      for r in rows:
+        for c in cols:
+          files.append(f"{folder}/{z}/{r}/{c}" if out.ndim == 3 else f"{folder}/{r}/{c}")
+  return files
+
+
+def chunk_fingerprint(root, files: list[str]) -> dict[str, str]:
+  """{"stat": digest of each file's size and modification time, "content": digest of their bytes} of `files` under
+  `root` (a chunk not stored counts as absent: TensorStore writes no file for an all-fill chunk). A block's marker
+  records it once the block's chunks are written; `chunks_intact` compares on a rerun."""
+  stat_hash, content_hash = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
+  for name in files:
+    path = pathlib.Path(root) / name
+    try:
+      stat = path.stat()
+      data = path.read_bytes()
+    except FileNotFoundError:
+      stat, data = None, None
+    stat_hash.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode() if stat else f"{name}:-;".encode())
+    content_hash.update(f"{name}:{len(data)}:".encode() + data if data is not None else f"{name}:-;".encode())
+  return {"stat": stat_hash.hexdigest(), "content": content_hash.hexdigest()}
+
+
+def _stat_fingerprint(root, files: list[str]) -> str:
+  stat_hash = hashlib.blake2b(digest_size=16)
+  for name in files:
+    try:
+      stat = (pathlib.Path(root) / name).stat()
+    except FileNotFoundError:
+      stat = None
+    stat_hash.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode() if stat else f"{name}:-;".encode())
+  return stat_hash.hexdigest()
+
+
+def chunks_intact(root, files: list[str], recorded: dict) -> bool:
+  """Whether `files` under `root` are as `chunk_fingerprint` recorded them: a stat each; their bytes are read and
+  hashed only where a size or modification time moved (a copied output costs a read, not a recomputation)."""
+  try:
+    if _stat_fingerprint(root, files) == recorded.get("stat"):
+      return True
+    return chunk_fingerprint(root, files)["content"] == recorded.get("content")
+  except (OSError, AttributeError):
+    return False
 
 
 def downsample(array: np.ndarray, how: str) -> np.ndarray:
