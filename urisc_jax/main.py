@@ -60,6 +60,14 @@ INPUT_ERRORS = (config_checks.ConfigError, imageio.DataError, checkpoint.Checkpo
                 PermissionError)
 
 
+def _set_volume_open_timeout(config) -> None:
+  """Volumes (predicted, or trained from) give up opening after config.predict.volume.open_timeout_s seconds."""
+  seconds = config.predict.get("volume", {}).get("open_timeout_s")
+  if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0:  # else: checked, default
+    from urisc_jax import volumes  # pylint: disable=g-import-not-at-top
+    volumes.set_open_timeout(seconds)
+
+
 def _record_run(config, workdir: pathlib.Path) -> None:
   """Writes the resolved config and the command line into the workdir, so a run can be repeated exactly."""
   workdir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +153,7 @@ def main(argv):
       raise config_checks.ConfigError(f"--workdir={workdir} is a file, not a folder; pass a folder.")
     platforms.enable_compilation_cache(config.get("compilation_cache", "default"))
     imageio.set_max_pixels(config.data.max_image_pixels)
+    _set_volume_open_timeout(config)
     # Process 0 holds the workdir for the whole job: a second run there stops at once, naming the first.
     with run_lock.exclusive(workdir) if multihost.is_writer() else contextlib.nullcontext():
       if multihost.is_writer():
