@@ -49,6 +49,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of proc
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index, 0 .. num_processes - 1.")
 _LOCAL_DEVICES = flags.DEFINE_string("local_device_ids", "", "Local devices this process drives, e.g. 0,1.")
+_INIT_TIMEOUT = flags.DEFINE_float("initialization_timeout_s", multihost.INITIALIZATION_TIMEOUT_S,
+                                   "Seconds a process of a multi-process run waits for all processes to join.")
 
 
 # Exit statuses: 0 done, 1 a failure (a bug or the machine: the traceback says where), BAD_INPUT_EXIT_CODE a bad
@@ -142,9 +144,10 @@ def main(argv):
         distributed=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value, local_device_ids=_LOCAL_DEVICES.value)
     # Before any other JAX call: every process joins the job, then sees all hosts' devices.
-    multihost.initialize(options)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    multihost.initialize(options, _INIT_TIMEOUT.value)
+  except ValueError as e:  # flags that do not describe a job: one line naming them, not the whole usage text
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(BAD_INPUT_EXIT_CODE)
   workdir = pathlib.Path(_WORKDIR.value)
   config = _CONFIG.value
   try:
@@ -183,5 +186,16 @@ def _headline(result: dict) -> dict:
   return headline
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a flag that cannot be parsed reported as an input error: one line naming the flag,
+  status 2 (absl's default exits 1 and a UsageError prints the whole usage text)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    print(f"error: {first} (python -m urisc_jax.main --helpshort lists the flags)", file=sys.stderr)
+    sys.exit(BAD_INPUT_EXIT_CODE)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

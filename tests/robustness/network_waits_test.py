@@ -1,5 +1,5 @@
-"""Every network wait ends within its deadline with one line naming what was waited for; bad addresses are refused
-before any work, with exit status 2.
+"""Every network wait ends within its deadline with one line naming what was waited for; bad addresses and job flags
+are refused before any work, with exit status 2.
 
 The servers are local and started here, on ports the system picks: a "silent" one that accepts connections and
 never answers, a web server, and one that answers any request "HTTP/1.1 400" at once. Calls that used to wait
@@ -19,7 +19,7 @@ import time
 import pytest
 
 from configs import tiny
-from urisc_jax import config_checks, volume_predict, volumes
+from urisc_jax import config_checks, multihost, volume_predict, volumes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # A hang check's limit: far above the deadlines asked for (1.5 - 3 s), far below the minutes the waits used to take.
@@ -217,6 +217,18 @@ def test_network_deadlines_must_be_positive_seconds(key, value):
     config_checks.validate(config, "predict")
 
 
+@pytest.mark.parametrize("flags,fragment", [
+    ({"coordinator_address": "localhost", "num_processes": 2, "process_id": 0}, "--coordinator_address='localhost'"),
+    ({"coordinator_address": "http://10.0.0.1:1234", "num_processes": 2, "process_id": 1}, "no scheme"),
+    ({"coordinator_address": "10.0.0.1:0", "num_processes": 2, "process_id": 1}, "a port in 1..65535"),
+    ({"num_processes": 2}, "--coordinator_address=HOST:PORT, --num_processes=N and --process_id=I"),
+])
+def test_multi_process_flag_errors_name_the_flag_and_the_form(flags, fragment):
+  with pytest.raises(ValueError) as raised:
+    multihost.distributed_options(**flags, environ={})
+  assert fragment in str(raised.value)
+
+
 def _main(workdir, *flags) -> subprocess.Popen:
   command = [sys.executable, "-m", "urisc_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}", *flags]
   return subprocess.Popen(command, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
@@ -237,6 +249,47 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def test_the_command_line_refuses_bad_job_flags_with_one_line_and_status_2(tmp_path):
+  """Bad multi-process flags and a flag that cannot be parsed: status 2, one line naming the flag, no usage text."""
+  cases = {
+      "address": (["--coordinator_address=localhost", "--num_processes=2", "--process_id=0"],
+                  "--coordinator_address='localhost'"),
+      "incomplete": (["--num_processes=2"], "--process_id=I"),
+      "unparsable": (["--num_processes=two"], "--num_processes=two"),
+      "dask": (["--mode=predict", "--config.predict.dask.address=http://127.0.0.1:8786"],
+               "config.predict.dask.address='http://127.0.0.1:8786'"),
+  }
+  started = {name: _main(tmp_path / name, *flags) for name, (flags, _) in cases.items()}
+  for name, process in started.items():
+    out, err = _communicate(process)
+    assert process.returncode == 2, (name, err[-3000:])
+    assert cases[name][1] in err, (name, err[-3000:])
+    assert "Traceback" not in err and "USAGE" not in err and "flags:" not in err, (name, err[-3000:])
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, (name, err[-3000:])
+    assert not (tmp_path / name).exists()  # refused before any work
+
+
+def test_one_process_of_a_two_process_job_started_alone_exits_2_within_its_deadline(tmp_path):
+  """Process 1 without a process 0, and process 0 without a process 1: each gives up after its 3 s with one line
+  naming the coordinator and itself (JAX's own deadline aborts in C++ with a stack trace, status 134)."""
+  started = {}
+  for process_id in (0, 1):
+    port = _free_port()
+    started[process_id] = (port, time.monotonic(), _main(
+        tmp_path / str(process_id), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+        f"--process_id={process_id}", "--initialization_timeout_s=3"))
+  errors = {}
+  for process_id, (port, start, process) in started.items():
+    errors[process_id] = _, err = _communicate(process)
+    seconds = time.monotonic() - start
+    assert process.returncode == multihost.JOIN_FAILED_EXIT_CODE == 2, err[-3000:]
+    assert f"process {process_id} of 2 waited 3 s" in err and f"--coordinator_address=127.0.0.1:{port}" in err
+    assert "Check failure" not in err and "Traceback" not in err, err[-3000:]
+    assert seconds < HANG_LIMIT_S * 2  # the 3 s deadline plus starting Python and JAX, on a busy machine
+  assert "nothing listens there" in errors[1][1]  # process 1 says why: process 0 never started
+  assert "process 1 did not join" in errors[0][1]
 
 
 def test_a_volume_on_a_silent_server_exits_2_from_the_command_line(tmp_path):
