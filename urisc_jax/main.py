@@ -18,8 +18,9 @@ Modes:
 
 A process of a multi-process run (one per host, or per GPU) adds --distributed (JAX finds the job: SLURM, Cloud TPU
 pods) or --coordinator_address=HOST:PORT --num_processes=N --process_id=I; train, predict and attribute then run on
-all processes together and process 0 writes the results; evaluate, prepare, criteria and export run on process 0
-alone.
+all processes together and process 0 writes the results; evaluate, prepare, criteria, export and the prediction of
+a chunked volume (on process 0's Dask cluster) run on process 0 alone while the others wait. A process whose peers
+do not all join within --initialization_timeout_s exits with status 2 and one line naming the coordinator.
 A run stopped by SIGTERM saves a checkpoint and exits with status 143; rerunning the same command resumes it.
 """
 
@@ -86,7 +87,10 @@ def run(config, workdir: pathlib.Path, mode: str) -> dict | list:
     from urisc_jax import volumes
     if volumes.is_volume_input(config.predict.input):
       from urisc_jax import volume_predict
-      return volume_predict.predict_volume(config, workdir)
+      # One driver writes the output with its Dask workers; the other processes restore the checkpoint with it
+      # (a collective), then wait for its outcome instead of predicting the same volume into the same output.
+      return multihost.process_0_drives(lambda: volume_predict.predict_volume(config, workdir), "volume prediction",
+                                        input_errors=INPUT_ERRORS)
     from urisc_jax import predict
     return [str(p) for p in predict.predict_files(config, workdir)]
   if mode in ("evaluate", "prepare", "criteria", "export") and not multihost.is_writer():
@@ -165,6 +169,9 @@ def main(argv):
   except multihost.Preempted as stopped:
     print(stopped, file=sys.stderr)
     sys.exit(multihost.PREEMPTED_EXIT_CODE)
+  except multihost.ProcessZeroFailed as e:  # process 0 printed the reason; this process says where to look
+    print(f"error: {e} (see process 0's output)", file=sys.stderr)
+    sys.exit(BAD_INPUT_EXIT_CODE if e.input_error else 1)
   except INPUT_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(BAD_INPUT_EXIT_CODE)

@@ -11,7 +11,8 @@ kept in step by hand, and lives here:
   so that a collective operation (an orbax save) is entered by all processes or by none;
 - gathering: `gather_objects` collects a value from every process (attribution results) on every process;
 - ordering: `first_then_others` lets process 0 write shared files (the synthetic dataset, the decode cache) before
-  the others read them;
+  the others read them; `process_0_drives` lets process 0 alone do work that has its own workers (a volume on Dask)
+  while the others wait for its outcome;
 - stopping: `StopRequest` turns SIGTERM on any process into a stop that every process takes at the same step.
 
 Only process 0 writes logs, metrics and predictions (`is_writer`); checkpoints are written by all together.
@@ -205,6 +206,61 @@ def first_then_others(fn: Callable[[], Any], name: str) -> Any:
     return result
   sync(f"{name}:done")
   return fn()
+
+
+# How often a process waiting in `process_0_drives` asks again (each ask is one blocking call to the coordinator).
+_POLL_MS = 60_000
+
+
+def process_0_drives(fn: Callable[[], Any], name: str, *, input_errors: tuple[type[BaseException], ...] = ()) -> Any:
+  """fn() on every process, for work that process 0 alone completes (a volume predicted on its Dask cluster into
+  one output): fn returns early on the other processes (after any collective step, e.g. restoring a checkpoint
+  together), which then wait until process 0 has finished, so that the job ends when the work does and every
+  process reports its outcome.
+
+  The wait goes through JAX's coordination service (a key process 0 sets), not a device collective: it may last
+  hours, longer than collectives wait. A process 0 that dies takes the coordination service with it, which ends
+  the others too.
+
+  Returns:
+    fn()'s result on process 0; on the others, what fn returned there.
+
+  Raises:
+    ProcessZeroFailed: on the other processes, when fn raised on process 0 (input_error: one of `input_errors`).
+  """
+  if jax.process_count() == 1:
+    return fn()
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top  # the coordination service's client
+  client, key = distributed.global_state.client, f"urisc_jax/{name}/outcome"
+  if is_writer():
+    outcome = "failed"
+    try:
+      result = fn()
+      outcome = "done"
+      return result
+    except input_errors as e:
+      outcome = f"input_error:{e}"
+      raise
+    except BaseException as e:
+      outcome = f"failed:{type(e).__name__}: {e}"
+      raise
+    finally:
+      client.key_value_set(key, outcome)
+  result = fn()
+  print(f"process {jax.process_index()}: process 0 does {name} for the job; waiting for it to finish.",
+        file=sys.stderr, flush=True)
+  while True:
+    try:
+      outcome = client.blocking_key_value_get(key, _POLL_MS)
+      break
+    except Exception as e:  # pylint: disable=broad-except
+      if "DEADLINE_EXCEEDED" not in str(e):  # not merely "not set yet": the coordination service failed
+        raise
+  if outcome != "done":
+    kind, _, message = outcome.partition(":")
+    raise ProcessZeroFailed(f"process 0 stopped {name}: {message.splitlines()[0] if message else kind}",
+                            input_error=kind == "input_error")
+  return result
 
 
 def _allgather_bytes(data: bytes) -> list[bytes]:

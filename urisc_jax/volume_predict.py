@@ -36,7 +36,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
-from urisc_jax import blockwise, inference, outputs, resolution, volumes
+from urisc_jax import blockwise, inference, multihost, outputs, resolution, volumes
 from urisc_jax.volumes import VolumeError
 
 MARKERS = ".blocks"
@@ -406,6 +406,8 @@ def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dic
   if meta.get("normalization"):
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
   threshold = predict_lib.decision_threshold(config, workdir, step)
+  if not multihost.is_writer():  # restored together; process 0 alone writes the output (multihost.process_0_drives)
+    return {"output": str(out_path), "driver": 0}
   out = volumes.create_output(out_path, volume, chunk=vc.chunk, levels=vc.levels, dtype=vc.dtype)
   tiling = {k: pc.get(k) for k in ("tile", "step", "blend", "halo", "batch_size", "tta")}
   settings = {"block": vc.block, "chunk": vc.chunk, "levels": vc.levels, "dtype": vc.dtype}
