@@ -212,6 +212,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Refuse volumes of more blocks (sections x blocks per section) than this: a declared shape costs nothing on disk
   # ([1e8, 64, 64] in a sparse zarr is 8 KB) but one Dask task and one marker per block.
   config.predict.volume.max_blocks = 1_000_000
+  # Seconds opening a volume may wait for its storage (an http:// or gs:// server) before giving up with a message.
+  config.predict.volume.open_timeout_s = 60.0
   # Blocks are Dask tasks: address "" = a LocalCluster of `workers` processes (0 = one per accelerator, or 2 on the
   # CPU), else a running scheduler's address, e.g. "tcp://10.0.0.5:8786" (launch/dask_slurm.py starts one on SLURM).
   # A block that raises is retried `retries` times; a lost worker's blocks go to another worker.
@@ -219,6 +221,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.predict.dask.address = ""
   config.predict.dask.workers = 0
   config.predict.dask.retries = 2
+  # Seconds to wait for the scheduler at `address` to answer (connect, handshake, first request) before giving up.
+  config.predict.dask.timeout_s = 30.0
 
   config.eval = ml_collections.ConfigDict()
   # "official" (GT as released, like eval.py; a thresholded Track-2 label is re-read from the release) or "binarized"

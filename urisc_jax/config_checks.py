@@ -93,13 +93,19 @@ class _Problems:
 def _volume_checks(problems: _Problems) -> None:
   """config.predict.volume and config.predict.dask (read only when the input is a chunked volume, but checked always:
   a bad value should not wait for the first volume)."""
+  from urisc_jax import volume_predict  # pylint: disable=g-import-not-at-top
   chunk = problems.integer("predict.volume.chunk", 1)
   block = problems.integer("predict.volume.block", 1)
   levels = problems.integer("predict.volume.levels", 1)
   problems.choice("predict.volume.dtype", VOLUME_DTYPES)
   problems.integer("predict.dask.workers", 0)
   problems.integer("predict.dask.retries", 0)
-  problems.require("predict.dask.address", lambda v: isinstance(v, str), "a string (\"\" = a local cluster)")
+  address = problems.value("predict.dask.address")
+  problem = volume_predict.dask_address_problem(address) if address is not None else None
+  if problem:
+    problems.lines.append(f"config.predict.dask.address={address!r}: {problem}")
+  for key in ("predict.volume.open_timeout_s", "predict.dask.timeout_s"):
+    problems.require(key, lambda v: _is_number(v) and v > 0, "a positive number of seconds")
   if chunk and block and block % chunk:
     problems.lines.append(f"config.predict.volume.block={block}: must be a multiple of config.predict.volume.chunk="
                           f"{chunk}, so that no two blocks write one chunk")

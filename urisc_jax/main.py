@@ -18,8 +18,9 @@ Modes:
 
 A process of a multi-process run (one per host, or per GPU) adds --distributed (JAX finds the job: SLURM, Cloud TPU
 pods) or --coordinator_address=HOST:PORT --num_processes=N --process_id=I; train, predict and attribute then run on
-all processes together and process 0 writes the results; evaluate, prepare, criteria and export run on process 0
-alone.
+all processes together and process 0 writes the results; evaluate, prepare, criteria, export and the prediction of
+a chunked volume (on process 0's Dask cluster) run on process 0 alone while the others wait. A process whose peers
+do not all join within --initialization_timeout_s exits with status 2 and one line naming the coordinator.
 A run stopped by SIGTERM saves a checkpoint and exits with status 143; rerunning the same command resumes it.
 """
 
@@ -49,6 +50,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of proc
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index, 0 .. num_processes - 1.")
 _LOCAL_DEVICES = flags.DEFINE_string("local_device_ids", "", "Local devices this process drives, e.g. 0,1.")
+_INIT_TIMEOUT = flags.DEFINE_float("initialization_timeout_s", multihost.INITIALIZATION_TIMEOUT_S,
+                                   "Seconds a process of a multi-process run waits for all processes to join.")
 
 
 # Exit statuses: 0 done, 1 a failure (a bug or the machine: the traceback says where), BAD_INPUT_EXIT_CODE a bad
@@ -58,6 +61,14 @@ INPUT_ERRORS = (config_checks.ConfigError, imageio.DataError, checkpoint.Checkpo
                 checkpoint.UnreadableCheckpointsError, run_lock.WorkdirBusyError, torch_import.CheckpointError,
                 f1.SubmissionFormatError, f1.ImageReadError, f1.PairingError, FileNotFoundError, NotADirectoryError,
                 PermissionError)
+
+
+def _set_volume_open_timeout(config) -> None:
+  """Volumes (predicted, or trained from) give up opening after config.predict.volume.open_timeout_s seconds."""
+  seconds = config.predict.get("volume", {}).get("open_timeout_s")
+  if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0:  # else: checked, default
+    from urisc_jax import volumes  # pylint: disable=g-import-not-at-top
+    volumes.set_open_timeout(seconds)
 
 
 def _record_run(config, workdir: pathlib.Path) -> None:
@@ -76,7 +87,10 @@ def run(config, workdir: pathlib.Path, mode: str) -> dict | list:
     from urisc_jax import volumes
     if volumes.is_volume_input(config.predict.input):
       from urisc_jax import volume_predict
-      return volume_predict.predict_volume(config, workdir)
+      # One driver writes the output with its Dask workers; the other processes restore the checkpoint with it
+      # (a collective), then wait for its outcome instead of predicting the same volume into the same output.
+      return multihost.process_0_drives(lambda: volume_predict.predict_volume(config, workdir), "volume prediction",
+                                        input_errors=INPUT_ERRORS)
     from urisc_jax import predict
     return [str(p) for p in predict.predict_files(config, workdir)]
   if mode in ("evaluate", "prepare", "criteria", "export") and not multihost.is_writer():
@@ -134,9 +148,10 @@ def main(argv):
         distributed=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value, local_device_ids=_LOCAL_DEVICES.value)
     # Before any other JAX call: every process joins the job, then sees all hosts' devices.
-    multihost.initialize(options)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    multihost.initialize(options, _INIT_TIMEOUT.value)
+  except ValueError as e:  # flags that do not describe a job: one line naming them, not the whole usage text
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(BAD_INPUT_EXIT_CODE)
   workdir = pathlib.Path(_WORKDIR.value)
   config = _CONFIG.value
   try:
@@ -150,6 +165,7 @@ def main(argv):
                                       "trained run.")
     platforms.enable_compilation_cache(config.get("compilation_cache", "default"))
     imageio.set_max_pixels(config.data.max_image_pixels)
+    _set_volume_open_timeout(config)
     # Process 0 holds the workdir for the whole job: a second run there stops at once, naming the first.
     with run_lock.exclusive(workdir) if multihost.is_writer() else contextlib.nullcontext():
       if multihost.is_writer():
@@ -158,6 +174,9 @@ def main(argv):
   except multihost.Preempted as stopped:
     print(stopped, file=sys.stderr)
     sys.exit(multihost.PREEMPTED_EXIT_CODE)
+  except multihost.ProcessZeroFailed as e:  # process 0 printed the reason; this process says where to look
+    print(f"error: {e} (see process 0's output)", file=sys.stderr)
+    sys.exit(BAD_INPUT_EXIT_CODE if e.input_error else 1)
   except INPUT_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(BAD_INPUT_EXIT_CODE)
@@ -179,5 +198,16 @@ def _headline(result: dict) -> dict:
   return headline
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a flag that cannot be parsed reported as an input error: one line naming the flag,
+  status 2 (absl's default exits 1 and a UsageError prints the whole usage text)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    print(f"error: {first} (python -m urisc_jax.main --helpshort lists the flags)", file=sys.stderr)
+    sys.exit(BAD_INPUT_EXIT_CODE)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -6,12 +6,13 @@ the collectives (gradient all-reduce, the gathered prediction tiles) keep them i
 kept in step by hand, and lives here:
 
 - joining: `distributed_options` turns the command line and the environment into `jax.distributed.initialize`'s
-  arguments (or None for a single process);
+  arguments (or None for a single process), and `initialize` joins within a deadline or exits with one line;
 - deciding once: `broadcast_object` hands process 0's value (a validation score, a threshold) to every process,
   so that a collective operation (an orbax save) is entered by all processes or by none;
 - gathering: `gather_objects` collects a value from every process (attribution results) on every process;
 - ordering: `first_then_others` lets process 0 write shared files (the synthetic dataset, the decode cache) before
-  the others read them;
+  the others read them; `process_0_drives` lets process 0 alone do work that has its own workers (a volume on Dask)
+  while the others wait for its outcome;
 - stopping: `StopRequest` turns SIGTERM on any process into a stop that every process takes at the same step.
 
 Only process 0 writes logs, metrics and predictions (`is_writer`); checkpoints are written by all together.
@@ -20,6 +21,10 @@ Only process 0 writes logs, metrics and predictions (`is_writer`); checkpoints a
 import os
 import pickle
 import signal
+import socket
+import sys
+import threading
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,8 +37,46 @@ from jax.experimental import multihost_utils
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 
+# How long a process waits for all processes of the job to join (--initialization_timeout_s). Processes that one
+# launcher (srun, a pod) starts join within seconds; 2 minutes leave room for slow hosts, and a process whose peers
+# never come (a wrong address, port or --num_processes, a peer that was never started) is told so in 2 minutes
+# instead of hanging for JAX's 5.
+INITIALIZATION_TIMEOUT_S = 120
+# Exit status of a process whose job could not be joined: the flags (or the launch) do not describe a job that
+# exists, which only the user can fix, so it is reported like any other input error: one line, status 2.
+JOIN_FAILED_EXIT_CODE = 2
+
+
 class Preempted(Exception):
   """Training stopped at a SIGTERM after saving a checkpoint; rerunning the same command resumes from it."""
+
+
+class ProcessZeroFailed(Exception):
+  """Process 0 failed the work it did alone for the job (see `process_0_drives`); its own output says why.
+
+  Attributes:
+    input_error: whether process 0 failed on an input error (which it reported with exit status 2).
+  """
+
+  def __init__(self, message: str, input_error: bool = False):
+    super().__init__(message)
+    self.input_error = input_error
+
+
+def check_coordinator_address(address: str) -> None:
+  """Raises ValueError (naming the flag and the form) unless `address` is HOST:PORT, e.g. 10.0.0.1:1234.
+
+  JAX takes any string and only fails minutes later, in the C++ client, on a missing port or a URL scheme.
+  """
+  parsed = urllib.parse.urlsplit(f"//{address}")
+  try:
+    port = parsed.port
+  except ValueError:
+    port = None
+  if "://" in address or not parsed.hostname or port is None or not 0 < port < 65536 or \
+      parsed.path or parsed.query or parsed.fragment or parsed.username:
+    raise ValueError(f"--coordinator_address={address!r}: give process 0's HOST:PORT, e.g. 10.0.0.1:1234 or "
+                     "[::1]:1234 (no scheme such as http://, a port in 1..65535, the same on every process).")
 
 
 def distributed_options(*, distributed: bool = False, coordinator_address: str = "", num_processes: int = 0,
@@ -63,6 +106,7 @@ def distributed_options(*, distributed: bool = False, coordinator_address: str =
           "a multi-process run needs all of --coordinator_address=HOST:PORT, --num_processes=N and "
           f"--process_id=I with 0 <= I < N (got {coordinator_address!r}, {num_processes}, {process_id}); or pass "
           "--distributed alone to let JAX find the job (SLURM, Cloud TPU pods).")
+    check_coordinator_address(coordinator_address)
     options = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
   elif distributed or environ.get("JAX_COORDINATOR_ADDRESS") or int(environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
     options = {}
@@ -77,12 +121,24 @@ def distributed_options(*, distributed: bool = False, coordinator_address: str =
   return options
 
 
-def initialize(options: dict | None) -> None:
-  """Joins the job `distributed_options` described (before any other JAX call); nothing for a single process."""
+def initialize(options: dict | None, timeout_s: float = INITIALIZATION_TIMEOUT_S) -> None:
+  """Joins the job `distributed_options` described (before any other JAX call); nothing for a single process.
+
+  A process whose peers do not all join within `timeout_s` seconds prints one line (the coordinator, this process's
+  id and count, the fix) and exits with JOIN_FAILED_EXIT_CODE. JAX's own deadline (initialization_timeout) ends in a
+  C++ abort with a stack trace (status 134) that Python cannot catch, so a watchdog thread gives up first (the
+  wait in JAX's client releases the GIL) and JAX's deadline is set later, as a backstop.
+  """
   if options is None:
     return
+  if not timeout_s > 0:
+    raise ValueError(f"--initialization_timeout_s={timeout_s}: must be a positive number of seconds.")
+  joined = threading.Event()
+  watchdog = threading.Thread(target=_exit_unless_joined, args=(joined, timeout_s, options), daemon=True,
+                              name="join-deadline")
+  watchdog.start()
   try:
-    jax.distributed.initialize(**options)
+    jax.distributed.initialize(**options, initialization_timeout=int(timeout_s) + max(30, int(timeout_s)))
   except ValueError as e:
     if options:
       raise
@@ -90,6 +146,44 @@ def initialize(options: dict | None) -> None:
                      "process per GPU with srun (launch/slurm_multinode.sbatch); elsewhere pass "
                      "--coordinator_address=HOST:PORT --num_processes=N --process_id=I, or leave --distributed "
                      "out for a single process.") from e
+  finally:
+    joined.set()
+
+
+def _coordinator_listens(address: str, timeout_s: float = 2.0) -> bool:
+  """Whether something accepts TCP connections at HOST:PORT (process 0's coordinator, once it has started)."""
+  parsed = urllib.parse.urlsplit(f"//{address}")
+  try:
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s):
+      return True
+  except (OSError, ValueError, TypeError):
+    return False
+
+
+def join_failure_message(options: dict, timeout_s: float) -> str:
+  """The one line of a process that could not join its job within `timeout_s`: what was waited for and the fix."""
+  address = options.get("coordinator_address")
+  if address is None:  # --distributed: the cluster's environment named the job
+    return (f"error: the multi-process job JAX found (--distributed) did not come together within {timeout_s:g} s "
+            "(--initialization_timeout_s): check that every process of the job was started, or raise the deadline.")
+  process_id, count = options["process_id"], options["num_processes"]
+  if process_id == 0:
+    why = "process 1 did not join" if count == 2 else f"the other {count - 1} processes did not all join"
+  elif _coordinator_listens(address):
+    why = "the coordinator answers there, but not all processes joined"
+  else:
+    why = "nothing listens there: process 0 was not started, or listens at another address"
+  return (f"error: process {process_id} of {count} waited {timeout_s:g} s (--initialization_timeout_s) for the job "
+          f"at --coordinator_address={address}: {why}. Start all {count} processes with the same "
+          f"--coordinator_address (process 0's HOST:PORT) and --num_processes={count}, each with its own "
+          "--process_id, or raise --initialization_timeout_s.")
+
+
+def _exit_unless_joined(joined: threading.Event, timeout_s: float, options: dict) -> None:
+  if not joined.wait(timeout_s):
+    print(join_failure_message(options, timeout_s), file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(JOIN_FAILED_EXIT_CODE)  # the main thread is inside JAX's C++ client: no exception can reach it
 
 
 def is_writer() -> bool:
@@ -112,6 +206,61 @@ def first_then_others(fn: Callable[[], Any], name: str) -> Any:
     return result
   sync(f"{name}:done")
   return fn()
+
+
+# How often a process waiting in `process_0_drives` asks again (each ask is one blocking call to the coordinator).
+_POLL_MS = 60_000
+
+
+def process_0_drives(fn: Callable[[], Any], name: str, *, input_errors: tuple[type[BaseException], ...] = ()) -> Any:
+  """fn() on every process, for work that process 0 alone completes (a volume predicted on its Dask cluster into
+  one output): fn returns early on the other processes (after any collective step, e.g. restoring a checkpoint
+  together), which then wait until process 0 has finished, so that the job ends when the work does and every
+  process reports its outcome.
+
+  The wait goes through JAX's coordination service (a key process 0 sets), not a device collective: it may last
+  hours, longer than collectives wait. A process 0 that dies takes the coordination service with it, which ends
+  the others too.
+
+  Returns:
+    fn()'s result on process 0; on the others, what fn returned there.
+
+  Raises:
+    ProcessZeroFailed: on the other processes, when fn raised on process 0 (input_error: one of `input_errors`).
+  """
+  if jax.process_count() == 1:
+    return fn()
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top  # the coordination service's client
+  client, key = distributed.global_state.client, f"urisc_jax/{name}/outcome"
+  if is_writer():
+    outcome = "failed"
+    try:
+      result = fn()
+      outcome = "done"
+      return result
+    except input_errors as e:
+      outcome = f"input_error:{e}"
+      raise
+    except BaseException as e:
+      outcome = f"failed:{type(e).__name__}: {e}"
+      raise
+    finally:
+      client.key_value_set(key, outcome)
+  result = fn()
+  print(f"process {jax.process_index()}: process 0 does {name} for the job; waiting for it to finish.",
+        file=sys.stderr, flush=True)
+  while True:
+    try:
+      outcome = client.blocking_key_value_get(key, _POLL_MS)
+      break
+    except Exception as e:  # pylint: disable=broad-except
+      if "DEADLINE_EXCEEDED" not in str(e):  # not merely "not set yet": the coordination service failed
+        raise
+  if outcome != "done":
+    kind, _, message = outcome.partition(":")
+    raise ProcessZeroFailed(f"process 0 stopped {name}: {message.splitlines()[0] if message else kind}",
+                            input_error=kind == "input_error")
+  return result
 
 
 def _allgather_bytes(data: bytes) -> list[bytes]:

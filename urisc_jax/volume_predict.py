@@ -40,12 +40,13 @@ import re
 import resource
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from urisc_jax import blockwise, inference, outputs, resolution, volumes
+from urisc_jax import blockwise, inference, multihost, outputs, resolution, volumes
 from urisc_jax.volumes import VolumeError
 
 MARKERS = ".blocks"
@@ -243,18 +244,98 @@ def default_workers() -> int:
   return max(1, min(2, os.cpu_count() or 1))
 
 
+# Address schemes of Dask's comms (distributed.comm.registry): "inproc" is this process only, the others talk to a
+# scheduler over the network.
+DASK_SCHEMES = ("tcp", "tls", "ucx", "ws", "wss", "inproc")
+DASK_ADDRESS_FORMS = ("tcp://HOST:PORT (or HOST:PORT), tls://HOST:PORT, ucx://HOST:PORT, ws:// or wss://HOST:PORT, "
+                      "inproc://...")
+# How long the driver waits for a Dask scheduler to answer (connect, handshake, first request): config
+# predict.dask.timeout_s. distributed bounds the connect alone; its handshake read waits forever on a server that
+# accepts and stays silent.
+DASK_TIMEOUT_S = 30.0
+
+
+def dask_address_problem(address: str) -> str | None:
+  """Why `address` (config.predict.dask.address) is not a Dask scheduler address, or None when it is one ("" is:
+  a local cluster). Checked before any work: distributed would raise a traceback, or wait, only once it connects."""
+  if not isinstance(address, str):
+    return f"must be a string: \"\" for a local cluster, or {DASK_ADDRESS_FORMS}"
+  if not address:
+    return None
+  scheme, sep, rest = address.partition("://")
+  if not sep:
+    scheme, rest = "tcp", address
+  if scheme not in DASK_SCHEMES:
+    return f"unknown scheme {scheme!r}; give {DASK_ADDRESS_FORMS}"
+  if scheme == "inproc":
+    return None if rest else f"names no inproc address; give {DASK_ADDRESS_FORMS}"
+  parsed = urllib.parse.urlsplit(f"//{rest}")
+  try:
+    port = parsed.port
+  except ValueError:
+    port = None
+  if not parsed.hostname or port is None or not 0 < port < 65536 or parsed.path or parsed.query or parsed.username:
+    return f"is not HOST:PORT with a port in 1..65535; give {DASK_ADDRESS_FORMS}"
+  return None
+
+
+async def _dask_handshake(address: str, timeout_s: float) -> None:
+  from distributed.comm import connect  # pylint: disable=g-import-not-at-top
+  from distributed.security import Security  # pylint: disable=g-import-not-at-top
+  comm = await connect(address, timeout=timeout_s, **Security().get_connection_args("client"))
+  await comm.close()
+
+
+def check_dask_scheduler(address: str, timeout_s: float = DASK_TIMEOUT_S) -> None:
+  """Raises VolumeError (naming config.predict.dask.address) unless a Dask scheduler at `address` completes Dask's
+  handshake within `timeout_s` seconds.
+
+  distributed.Client's own timeout covers the TCP connect and the first request, not the handshake between them:
+  a server that accepts and never answers held it forever, and a web server (the dashboard's port, say) answered
+  "HTTP/1.1 ..." read as a frame length ("Unable to allocate 3.07 EiB"). This handshake runs first, whole, under
+  one deadline, in its own event loop.
+  """
+  import asyncio  # pylint: disable=g-import-not-at-top
+  where = f"config.predict.dask.address={address!r}"
+  try:
+    asyncio.run(asyncio.wait_for(_dask_handshake(address, timeout_s), timeout_s))
+  except TimeoutError as e:  # asyncio's too (Python >= 3.11)
+    raise VolumeError(f"no Dask scheduler answered at {where} within {timeout_s:g} s "
+                      "(config.predict.dask.timeout_s): check the address and that the scheduler runs and is "
+                      "reachable from here (launch/dask_slurm.py starts one), or leave the address empty for a local "
+                      "cluster.") from e
+  except OSError as e:
+    raise VolumeError(f"no Dask scheduler answers at {where} ({e}); start one (see launch/dask_slurm.py), check the "
+                      "address, or leave it empty for a local cluster.") from e
+  except Exception as e:  # pylint: disable=broad-except  # whatever a non-Dask server's bytes decode to
+    # (A web server's "HTTP/1.1 ..." read as a frame length asked for 3 EiB: the cause is the server, not memory.)
+    raise VolumeError(f"the server at {where} does not speak Dask's protocol (its answer is not a Dask message): "
+                      "give the scheduler's port (8786 by default; 8787 is its dashboard, a web server), or leave "
+                      "the address empty for a local cluster.") from e
+
+
 @contextlib.contextmanager
-def dask_client(address: str = "", workers: int = 0):
-  """A distributed.Client: of the cluster at `address`, or of a LocalCluster of `workers` processes (0 = auto)."""
+def dask_client(address: str = "", workers: int = 0, timeout_s: float = DASK_TIMEOUT_S):
+  """A distributed.Client: of the cluster at `address`, or of a LocalCluster of `workers` processes (0 = auto).
+
+  Every wait for a scheduler at `address` ends within about `timeout_s` seconds with a VolumeError that names it.
+  """
   from distributed import Client, LocalCluster  # pylint: disable=g-import-not-at-top
   # The scheduler and nannies log every worker's start and stop at INFO; keep the console to progress and problems.
   logging.getLogger("distributed").setLevel(logging.WARNING)
   if address:
+    problem = dask_address_problem(address)
+    if problem:
+      raise VolumeError(f"config.predict.dask.address={address!r} {problem}.")
+    if not address.startswith("inproc://"):
+      check_dask_scheduler(address, timeout_s)
     try:
-      client = Client(address, timeout="30s")
-    except OSError as e:
-      raise VolumeError(f"no Dask scheduler answers at config.predict.dask.address={address!r} ({e}); start one "
-                        "(see launch/dask_slurm.py) or leave the address empty for a local cluster.") from e
+      # `timeout` bounds the connect, the first request (the scheduler's identity) and the stream's start.
+      client = Client(address, timeout=f"{timeout_s}s")
+    except OSError as e:  # TimeoutError included
+      raise VolumeError(f"no Dask scheduler answers at config.predict.dask.address={address!r} within "
+                        f"{timeout_s:g} s ({e}); start one (see launch/dask_slurm.py) or leave the address empty for "
+                        "a local cluster.") from e
     with client:
       yield client
     return
@@ -484,6 +565,8 @@ def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dic
   if meta.get("normalization"):
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
   threshold = predict_lib.decision_threshold(config, workdir, step)
+  if not multihost.is_writer():  # restored together; process 0 alone writes the output (multihost.process_0_drives)
+    return {"output": str(out_path), "driver": 0}
   tiling = {k: pc.get(k) for k in ("tile", "step", "blend", "halo", "batch_size", "tta")}
   settings = {"block": vc.block, "chunk": vc.chunk, "levels": vc.levels, "dtype": vc.dtype}
   # The output's arrays as they will be (nothing is created yet): the markers' chunk files are checked against them.
@@ -519,7 +602,8 @@ def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dic
   host_variables = jax.device_get(variables)
   with contextlib.ExitStack() as stack:
     if client is None:
-      client = stack.enter_context(dask_client(pc.dask.address, pc.dask.workers))
+      client = stack.enter_context(dask_client(pc.dask.address, pc.dask.workers,
+                                               pc.dask.get("timeout_s", DASK_TIMEOUT_S)))
     start = time.perf_counter()  # from the first block submitted (each worker's compile included)
     summary["workers"] = len(client.scheduler_info(n_workers=-1)["workers"])
     client.run(peak_rss_bytes, reset=True)

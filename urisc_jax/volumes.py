@@ -51,6 +51,15 @@ MASK_PATH = "labels/membrane"
 _COMPRESSOR = {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 2}
 # TensorStore's chunk cache per opened input: bounds memory whatever the volume's size.
 INPUT_CACHE_BYTES = 64 << 20
+# How long opening a volume may wait for its storage (config.predict.volume.open_timeout_s, set by main): TensorStore
+# has no request timeout of its own, and an http:// server that never answers, or gs:// without a network, held the
+# open forever.
+OPEN_TIMEOUT_S = 60.0
+
+
+def set_open_timeout(seconds: float) -> None:
+  global OPEN_TIMEOUT_S
+  OPEN_TIMEOUT_S = float(seconds)
 
 
 class VolumeError(DataError):
@@ -460,9 +469,14 @@ def open_input(text: str) -> InputVolume:
 
 
 def _open(spec: dict, **kwargs) -> ts.TensorStore:
+  opening = ts.open(spec, context=ts.Context({"cache_pool": {"total_bytes_limit": INPUT_CACHE_BYTES}}), **kwargs)
   try:
-    return ts.open(spec, context=ts.Context({"cache_pool": {"total_bytes_limit": INPUT_CACHE_BYTES}}),
-                   **kwargs).result()
+    return opening.result(timeout=OPEN_TIMEOUT_S)
+  except TimeoutError as e:
+    opening.cancel()
+    raise VolumeError(f"TensorStore got no answer within {OPEN_TIMEOUT_S:g} s (config.predict.volume.open_timeout_s) "
+                      f"opening {json.dumps(spec)}: check that its server is up and reachable from here, or raise "
+                      "the deadline.") from e
   except ValueError as e:  # TensorStore reports missing, corrupt and mismatched arrays as ValueError
     raise VolumeError(f"TensorStore cannot open {json.dumps(spec)}: {e}") from e
 
