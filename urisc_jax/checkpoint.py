@@ -148,6 +148,10 @@ class Checkpointer:
       UnreadableCheckpointsError: the step's files are missing or damaged.
     """
     where = self.directory / str(step)
+    # Before anything of orbax reads the step (its metadata reads each array's header the same way as a restore).
+    problem = _read_every_array(where / "state") if (where / "state" / "manifest.ocdbt").is_file() else None
+    if problem is not None:
+      raise UnreadableCheckpointsError(f"checkpoint {where} cannot be read: {problem}")
     stored = _stored_shapes(where / "state")
     if stored is not None and stored != _target_shapes(target_state):
       raise CheckpointMismatchError(
@@ -155,9 +159,6 @@ class Checkpointer:
           f"optimizer changed since it was written?): it holds {len(stored)} arrays, the config makes "
           f"{len(_target_shapes(target_state))}, of other shapes. Use a new --workdir for the new config, or rerun "
           f"with the config it was written with ({self.directory.parent / 'config.json'}).")
-    problem = _read_every_array(where / "state") if (where / "state" / "manifest.ocdbt").is_file() else None
-    if problem is not None:
-      raise UnreadableCheckpointsError(f"checkpoint {where} cannot be read: {problem}")
     try:
       restored = self._manager.restore(
           step,

@@ -156,8 +156,9 @@ def test_a_better_score_at_an_earlier_step_replaces_a_later_entry(tmp_path):
 
 
 def test_probing_a_truncated_step_leaves_no_read_in_flight(tmp_path):
-  """orbax read every array in an event loop it closed at the first failed read; the reads still in flight then
-  failed into the closed loop, each printed as an unraisable "RuntimeError: Event loop is closed" traceback."""
+  """orbax read every array (for a restore, and each array's header for its metadata) in an event loop it closed at
+  the first failed read; the reads still in flight then failed into the closed loop, each printed as an unraisable
+  "RuntimeError: Event loop is closed" traceback."""
   folder = tmp_path / "checkpoints"
   saver = checkpoint.Checkpointer(folder, max_to_keep=3)
   for step in (2, 4):
