@@ -152,7 +152,7 @@ def check_matched_shape(path, shape, factor: float, *, input_nm: float | None, t
          "image as it is with --config.predict.match_resolution=False)")
   sides = [s * factor for s in (height, width)]
   if not all(math.isfinite(s) for s in sides) or sides[0] * sides[1] > cap:
-    new = "x".join(f"{s:.3g}" for s in sides)
+    new = f"{sides[1]:.3g} x {sides[0]:.3g}"  # width x height, as the image's size is given
     raise ResolutionError(
         f"{claim} from {width} x {height} to about {new} pixels ({sides[0] * sides[1]:.3g} pixels), more than the "
         f"limit of {cap:,} pixels of config.data.max_image_pixels; nothing was resampled. {fix}; if it is right, "
