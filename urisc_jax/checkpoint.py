@@ -9,6 +9,7 @@ damaged afterwards (a truncated copy, a deleted file, a full disk) is skipped fo
 import dataclasses
 import logging
 import pathlib
+import shutil
 import time
 from typing import Any
 
@@ -55,6 +56,48 @@ def _stored_shapes(state_dir: pathlib.Path) -> list[tuple[int, ...]] | None:
     return None
   tree = getattr(metadata, "tree", metadata)
   return sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape")))
+
+
+def _reason(error: Exception) -> str:
+  """The first line of an orbax or TensorStore error, without TensorStore's pointer to its details."""
+  return (str(error).splitlines() or [type(error).__name__])[0].split(" See full TensorStore details")[0][:300]
+
+
+def _read_every_array(state_dir: pathlib.Path, *, batch: int = 32) -> str | None:
+  """Reads every array of a saved state through TensorStore, waiting for each read; the first error, or None.
+
+  Why before orbax's restore: orbax reads all arrays in an event loop that it closes as soon as the first read
+  fails; the reads still in flight then complete into the closed loop, and TensorStore reports each of them as an
+  unraisable "RuntimeError: Event loop is closed" traceback (over a thousand for a damaged step of a U-Net). Here
+  every read is waited for, so none is left in flight, and a damaged step never reaches orbax. The arrays are read
+  `batch` at a time (a bounded extra buffer); the second read by orbax comes from the page cache.
+  """
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  base = {"driver": "ocdbt", "base": f"file://{state_dir.absolute()}/"}
+  context = ts.Context()  # one OCDBT cache for every array of the step
+  try:
+    keys = [key.decode() for key in ts.KvStore.open(base, context=context).result().list().result()]
+  except Exception as e:  # pylint: disable=broad-except  # TensorStore raises bare ValueErrors / Exceptions
+    return _reason(e)
+  names = sorted(key[:-len("/.zarray")] for key in keys if key.endswith("/.zarray"))
+  first = None
+  for start in range(0, len(names), batch):
+    opens = [ts.open({"driver": "zarr", "kvstore": {**base, "path": f"{name}/"}}, context=context)
+             for name in names[start:start + batch]]
+    reads = []
+    for future in opens:  # every future is waited for, failed or not
+      try:
+        reads.append(future.result().read())
+      except Exception as e:  # pylint: disable=broad-except
+        first = first or e
+    for future in reads:
+      try:
+        future.result()
+      except Exception as e:  # pylint: disable=broad-except
+        first = first or e
+    if first is not None:
+      return _reason(first)
+  return None
 
 
 class Checkpointer:
@@ -105,6 +148,10 @@ class Checkpointer:
       UnreadableCheckpointsError: the step's files are missing or damaged.
     """
     where = self.directory / str(step)
+    # Before anything of orbax reads the step (its metadata reads each array's header the same way as a restore).
+    problem = _read_every_array(where / "state") if (where / "state" / "manifest.ocdbt").is_file() else None
+    if problem is not None:
+      raise UnreadableCheckpointsError(f"checkpoint {where} cannot be read: {problem}")
     stored = _stored_shapes(where / "state")
     if stored is not None and stored != _target_shapes(target_state):
       raise CheckpointMismatchError(
@@ -120,7 +167,7 @@ class Checkpointer:
               data=ocp.args.JsonRestore(),
               meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  # orbax and TensorStore raise bare Exceptions
-      reason = (str(e).splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0][:300]
+      reason = _reason(e)
       if "structures do not match" in reason:  # same shapes under other names: another model
         raise CheckpointMismatchError(
             f"checkpoint {where} does not fit the model and optimizer of this config: {reason} Use a new --workdir "
@@ -156,15 +203,15 @@ class Checkpointer:
           "start over.")
     return None
 
-  def set_aside(self, steps) -> list[pathlib.Path]:
-    """Renames unreadable step folders to `<step>.unreadable-<time>`, out of orbax's sight, so that training can
-    write those steps again; their files are kept for inspection. Returns the new paths."""
+  def set_aside(self, steps, *, label: str = "unreadable") -> list[pathlib.Path]:
+    """Renames step folders to `<step>.<label>-<time>`, out of orbax's sight, so that training can write those steps
+    again; their files are kept (unreadable ones for inspection). Returns the new paths."""
     moved = []
     if multihost.is_writer():
       for step in steps:
         source = self.directory / str(step)
         if source.is_dir():
-          target = self.directory / f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+          target = self.directory / f"{step}.{label}-{time.strftime('%Y%m%d-%H%M%S')}"
           source.rename(target)
           moved.append(target)
     multihost.sync(f"set aside {self.directory.name}")
@@ -218,7 +265,18 @@ class BestCheckpoint:
     """Saves `state` if `score` beats the best so far (ties keep the earlier step); returns whether it did."""
     if self.best_score is not None and not score > self.best_score:
       return False
+    # A run resumed from an earlier step (its newest checkpoint was unreadable) replays steps this folder may already
+    # hold from before: the entry being beaten is at this step or after it. Orbax refuses to save a step it holds
+    # (StepAlreadyExistsError) and keeps the highest step when it prunes, so the old entry is moved aside first and
+    # removed once the new one is written.
+    self._checkpointer.wait()  # a save still in flight is not yet in its step folder
+    held = [s for s in self._checkpointer.all_steps() if s >= step]  # the same on every process
+    replaced = self._checkpointer.set_aside(held, label="replaced") if held else []
     self._checkpointer.save(step, state, meta={**(meta or {}), self.score_key: float(score), "step": int(step)})
+    if replaced:
+      self._checkpointer.wait()
+      for folder in replaced:
+        shutil.rmtree(folder, ignore_errors=True)
     self.best_step, self.best_score = step, float(score)
     return True
 

@@ -34,6 +34,9 @@ VOLUME_DTYPES = ("uint8", "float16")
 ATTRIBUTION_RULES = ("gauss_legendre", "riemann_right", "riemann_left", "riemann_middle", "trapezoid")
 ATTRIBUTION_PROTOCOLS = ("native", "paper")
 SMALLEST_WIDTH = 1 / 64  # the 64-channel stem keeps at least one channel
+# The bioimage.io package's test crop is S x S, predicted whole at export and by every tool that checks the package:
+# 2048^2 is 16 MB per tensor; 16384 took over 3 GB while exporting.
+EXPORT_MAX_SAMPLE_SIZE = 2048
 
 
 class ConfigError(ValueError):
@@ -115,6 +118,32 @@ def _volume_checks(problems: _Problems) -> None:
                           "keeps whole chunks")
 
 
+def _tensorstore_checks(problems: _Problems, mode: str) -> None:
+  """config.data.tensorstore: the training split's volume, and for training the labels every split needs (the train
+  and test splits always, the validation split where it names a volume): a missing one fails only after training."""
+  volume = "a zarr / N5 / precomputed path, a file:// URL or a TensorStore spec"
+  names = {role: problems.value(f"data.{role}_split") for role in ("train", "val", "test")}
+  volumes = problems.value("data.tensorstore")
+  for role, split in names.items():
+    if not isinstance(split, str) or (split and (volumes is None or split not in volumes)):
+      continue  # dataset.check_splits names a split without keys
+    if role == "train":
+      problems.require(f"data.tensorstore.{split}.image", lambda v: isinstance(v, str) and v.strip() != "",
+                       f"a volume to train from: {volume}")
+    if mode != "train":
+      continue
+    if role == "test" and (not split or not str(volumes[split].get("image", "")).strip()):
+      where = f"config.data.tensorstore.{split}.image" if split else "config.data.test_split"
+      problems.lines.append(f"{where} is empty: training ends by predicting and scoring the test split's sections, "
+                            f"so name a labelled test volume ({volume}) in config.data.tensorstore.<test split>"
+                            ".image and .label")
+      continue
+    if split and str(volumes[split].get("image", "")).strip():
+      problems.require(f"data.tensorstore.{split}.label", lambda v: isinstance(v, str) and v.strip() != "",
+                       f"the label volume of config.data.tensorstore.{split}.image (the {role} split is "
+                       f"{'trained on' if role == 'train' else 'scored'}): {volume}")
+
+
 def validate(config, mode: str) -> None:
   """Raises ConfigError listing every problem in the sections `mode` reads (see SECTIONS); nothing else runs."""
   from urisc_jax import losses, models, optim, platforms, sharding  # pylint: disable=g-import-not-at-top
@@ -148,17 +177,24 @@ def validate(config, mode: str) -> None:
       problems.lines.append(f"config.data.crop_size={crop}: must be a multiple of {multiple}, the input multiple of "
                             f"config.model.name={config.model.name!r} (e.g. {-(-crop // multiple) * multiple})")
     if config.data.get("source") == "tensorstore":
-      problems.require("data.tensorstore.train.image", lambda v: isinstance(v, str) and v.strip() != "",
-                       "a volume to train from: a zarr / N5 / precomputed path, a file:// URL or a TensorStore spec")
+      _tensorstore_checks(problems, mode)
     if config.data.get("source") == "synthetic":
       height = problems.integer("data.synthetic.height", 1)
       width = problems.integer("data.synthetic.width", 1)
       problems.integer("data.synthetic.num_train", 1)
       problems.integer("data.synthetic.num_val", 0)
-      problems.integer("data.synthetic.num_test", 0)
+      # Training ends by predicting and scoring the test images: with none it would train fully, then fail.
+      problems.integer("data.synthetic.num_test", 1 if mode == "train" else 0)
       if crop and height and width and crop > min(height, width):
         problems.lines.append(f"config.data.crop_size={crop}: must be at most the synthetic images' "
                               f"{height} x {width} (config.data.synthetic.height / width)")
+  if mode in ("train", "prepare", "criteria") and not problems.lines:
+    from urisc_jax.data import dataset  # pylint: disable=g-import-not-at-top
+    # A split that leaks into another, or a split key that does not exist, refused now rather than after the data
+    # is prepared; for training also a test split that names nothing (it would train fully, then fail).
+    problems.call("config.data", lambda: dataset.check_splits(config.data))
+    if mode == "train":
+      problems.call("config.data", lambda: dataset.check_test_split(config.data))
 
   if "train" in sections:
     steps = problems.integer("train.num_steps", 1)
@@ -216,7 +252,9 @@ def validate(config, mode: str) -> None:
     problems.choice("export.format", EXPORT_FORMATS)
     problems.require("export.checkpoint", lambda v: isinstance(v, str) and v != "",
                      "'best', 'latest' or a checkpoint folder")
-    size = problems.integer("export.sample_size", 1)
+    size = problems.require("export.sample_size", lambda v: _is_int(v) and 1 <= v <= EXPORT_MAX_SAMPLE_SIZE,
+                            f"an integer in 1..{EXPORT_MAX_SAMPLE_SIZE} (the side of the package's test crop)")
+    size = size if _is_int(size) and 1 <= size <= EXPORT_MAX_SAMPLE_SIZE else None
     if size and multiple and size % multiple:
       problems.lines.append(f"config.export.sample_size={size}: must be a multiple of {multiple}, the model's input "
                             "multiple")

@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
+from urisc_jax import config_checks
+
 ACCELERATOR_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "float64")
 CACHE_ENV = "URISC_JAX_CACHE"
@@ -142,12 +144,16 @@ def enable_compilation_cache(setting: str) -> pathlib.Path | None:
     folder = pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
   else:
     folder = default_cache_dir() if setting == "default" else pathlib.Path(setting).expanduser()
+  fix = ("pass a writable folder, e.g. --config.compilation_cache=/tmp/urisc_jax_cache, or '' to turn the cache "
+         "off.")
   try:
     folder.mkdir(parents=True, exist_ok=True)
   except OSError as e:
-    raise ValueError(f"config.compilation_cache: cannot create the cache folder {folder} ({e.strerror}); pass a "
-                     "writable folder, e.g. --config.compilation_cache=/tmp/urisc_jax_cache, or '' to turn the "
-                     "cache off.") from e
+    raise config_checks.ConfigError(f"config.compilation_cache: cannot create the cache folder {folder} "
+                                    f"({e.strerror}); {fix}") from e
+  # An existing folder this user cannot write: JAX would fail (or warn) at the first compiled program instead.
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise config_checks.ConfigError(f"config.compilation_cache: the cache folder {folder} is not writable; {fix}")
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", str(folder))
   jax.config.update("jax_persistent_cache_enable_xla_caches", "xla_gpu_per_fusion_autotune_cache_dir")

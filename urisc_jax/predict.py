@@ -314,16 +314,22 @@ def check_writable(folder: pathlib.Path) -> None:
                           "--config.predict.output=DIR.") from e
 
 
-def input_scale_factor(config, path) -> float:
+def input_scale_factor(config, path, shape=None) -> float:
   """How much `path` is enlarged before prediction (`resolution.scale_factor`): its pixel size,
   config.predict.input_pixel_nm or else what the file records, over config.data.pixel_nm (the training data's).
-  1 when config.predict.match_resolution is off or either size is unknown."""
+  1 when config.predict.match_resolution is off or either size is unknown. Given the image's `shape`, refuses a
+  factor that would resample it beyond the pixel cap or below the network's minimum
+  (`resolution.check_matched_shape`)."""
   if not config.predict.get("match_resolution", True):
     return 1.0
-  input_nm = config.predict.get("input_pixel_nm")
+  input_nm, origin = config.predict.get("input_pixel_nm"), "config.predict.input_pixel_nm"
   if input_nm is None:
-    input_nm = resolution.pixel_size_nm(path)
-  return resolution.scale_factor(input_nm, config.data.get("pixel_nm"))
+    input_nm, origin = resolution.pixel_size_nm(path), "from the file's resolution metadata"
+  factor = resolution.scale_factor(input_nm, config.data.get("pixel_nm"))
+  if shape is not None:
+    resolution.check_matched_shape(path, shape, factor, input_nm=input_nm, train_nm=config.data.get("pixel_nm"),
+                                   origin=origin)
+  return factor
 
 
 def predict_files(config, workdir: pathlib.Path) -> list[pathlib.Path]:
@@ -365,7 +371,7 @@ def predict_files(config, workdir: pathlib.Path) -> list[pathlib.Path]:
                                 f"{out_dir}; --config.predict.on_error=skip skips such images and lists them)") from e
       failed.append({"file": str(path), "error": str(e)})
       continue
-    factor = input_scale_factor(config, path)
+    factor = input_scale_factor(config, path, image.shape)
     factors[path.name] = factor
     probability = resolution.matched_probabilities(lambda gray: probabilities(forward, gray, config.predict), image,
                                                    factor)

@@ -9,6 +9,11 @@ size, predicts there, and resamples the probability map back to the input's grid
 Pixel sizes: the training data's is `config.data.pixel_nm`; an input's is `config.predict.input_pixel_nm` or, when
 that is unset, read from the file (`pixel_size_nm`: TIFF resolution tags or ImageJ metadata, OME-Zarr
 multiscales), else taken to equal the training data's (no resampling).
+
+A pixel size is a claim about the file, and a wrong one (a TIFF tag of 1 px/cm, a mistyped config value) would make
+the resampled image gigabytes or a single pixel. `check_matched_shape` refuses both before any resampling: the
+resampled image must fit the pixel cap of every read (config.data.max_image_pixels) and keep at least
+MIN_MATCHED_SIDE pixels per side.
 """
 
 import json
@@ -17,7 +22,7 @@ import pathlib
 
 import numpy as np
 
-from urisc_jax.data import resample
+from urisc_jax.data import imageio, resample
 
 # Nanometres per unit, for the unit names TIFF, ImageJ and OME-NGFF use.
 _NM_PER_UNIT = {"nm": 1.0, "nanometer": 1.0, "um": 1e3, "µm": 1e3, "\\u00B5m": 1e3, "micron": 1e3,
@@ -25,6 +30,14 @@ _NM_PER_UNIT = {"nm": 1.0, "nanometer": 1.0, "um": 1e3, "µm": 1e3, "\\u00B5m": 
                 "meter": 1e9, "inch": 2.54e7}
 # TIFF ResolutionUnit: 2 = inch, 3 = centimetre (1 = none: no physical size).
 _TIFF_UNITS = {2: "inch", 3: "cm"}
+# The smallest side an image may be resampled down to: below it the network sees no membrane of a few pixels' width
+# in its context (a 1 x 1 image becomes one padded tile, a constant map). An image recorded that small is predicted
+# as it is; only a resampling that shrinks it below this is refused.
+MIN_MATCHED_SIDE = 32
+
+
+class ResolutionError(imageio.DataError):
+  """An input's pixel size would resample it beyond the pixel cap or below MIN_MATCHED_SIDE; names the fix."""
 
 
 def _nm(value: float, unit: str | None) -> float | None:
@@ -72,6 +85,11 @@ def _tiff_pixel_nm(path: pathlib.Path) -> float | None:
     numerator, denominator = resolution.value
     if not numerator:
       return None
+    if not denominator:
+      raise imageio.DataError(
+          f"{path} has a damaged resolution tag ({resolution.name} = {numerator}/{denominator}: a zero denominator), "
+          "so its pixel size is unknown. Give the pixel size with --config.predict.input_pixel_nm=NM, or rewrite the "
+          "file's resolution (e.g. in Fiji: Image > Properties).")
     per_unit = numerator / denominator  # pixels per unit
     imagej = tif.imagej_metadata or {}
     if imagej.get("unit"):
@@ -88,6 +106,8 @@ def pixel_size_nm(path) -> float | None:
   if path.suffix.lower() in (".tif", ".tiff"):
     try:
       return _tiff_pixel_nm(path)
+    except imageio.DataError:
+      raise
     except (OSError, ValueError, KeyError, TypeError):
       return None
   return None
@@ -103,6 +123,48 @@ def scale_factor(input_pixel_nm: float | None, train_pixel_nm: float | None) -> 
   return float(input_pixel_nm) / float(train_pixel_nm)
 
 
+def check_matched_shape(path, shape, factor: float, *, input_nm: float | None, train_nm: float | None,
+                        origin: str, max_pixels: int | None = None) -> tuple[int, int]:
+  """The shape `matched_probabilities` resamples an image of `shape` to, refused when it is unusable.
+
+  Checked from the sizes alone, before anything is resampled: a pixel size is a claim about the file (or a config
+  value) and a wrong one turns a 64 x 64 image into terabytes or into one pixel.
+
+  Args:
+    path: the image file, named in the error.
+    shape: its (H, W).
+    factor: `scale_factor(input_nm, train_nm)`.
+    input_nm, train_nm: the two pixel sizes, for the message.
+    origin: where input_nm came from ("config.predict.input_pixel_nm" or the file's metadata), for the message.
+    max_pixels: the cap; None uses the one of every image read (config.data.max_image_pixels).
+
+  Raises:
+    ResolutionError: the resampled image would hold more pixels than the cap, or a side below MIN_MATCHED_SIDE
+      (where the image's own side is not already below it).
+  """
+  height, width = (int(s) for s in shape[:2])
+  if math.isclose(factor, 1.0, rel_tol=1e-6):
+    return height, width
+  cap = imageio.max_pixels() if max_pixels is None else int(max_pixels)
+  claim = (f"{path}: its pixel size, {input_nm:g} nm ({origin}), is {factor:.4g} x the training data's {train_nm:g} "
+           "nm (config.data.pixel_nm), so it is resampled for prediction")
+  fix = ("If that pixel size is wrong, give the right one with --config.predict.input_pixel_nm=NM (or predict the "
+         "image as it is with --config.predict.match_resolution=False)")
+  sides = [s * factor for s in (height, width)]
+  if not all(math.isfinite(s) for s in sides) or sides[0] * sides[1] > cap:
+    new = f"{sides[1]:.3g} x {sides[0]:.3g}"  # width x height, as the image's size is given
+    raise ResolutionError(
+        f"{claim} from {width} x {height} to about {new} pixels ({sides[0] * sides[1]:.3g} pixels), more than the "
+        f"limit of {cap:,} pixels of config.data.max_image_pixels; nothing was resampled. {fix}; if it is right, "
+        f"raise --config.data.max_image_pixels to at least {math.ceil(sides[0] * sides[1])}.")
+  new_height, new_width = resample.scaled_shape((height, width), factor)
+  if min(new_height, new_width) < min(MIN_MATCHED_SIDE, height, width):
+    raise ResolutionError(
+        f"{claim} from {width} x {height} down to {new_width} x {new_height} pixels, below the {MIN_MATCHED_SIDE} "
+        "pixels per side the network needs to see membranes (it would return a constant map). " + fix + ".")
+  return new_height, new_width
+
+
 def matched_probabilities(predict_fn, image: np.ndarray, factor: float) -> np.ndarray:
   """float32 [H, W]: `predict_fn(image at the training pixel size)` resampled back to the image's grid.
 
@@ -114,5 +176,9 @@ def matched_probabilities(predict_fn, image: np.ndarray, factor: float) -> np.nd
   if math.isclose(factor, 1.0, rel_tol=1e-6):
     return predict_fn(image)
   shape = resample.scaled_shape(image.shape, factor)
+  if shape[0] * shape[1] > imageio.max_pixels():  # callers check with the file's name first (check_matched_shape)
+    raise ResolutionError(f"resampling a {image.shape[1]} x {image.shape[0]} image by {factor:.4g} would make "
+                          f"{shape[1]} x {shape[0]} pixels, more than config.data.max_image_pixels="
+                          f"{imageio.max_pixels()}; check the pixel size (config.predict.input_pixel_nm).")
   probability = predict_fn(resample.resize_gray(image, shape))
   return np.clip(resample.resize(probability, image.shape), 0.0, 1.0)

@@ -154,6 +154,18 @@ def check_splits(data_config) -> None:
                          "training split.")
 
 
+def check_test_split(data_config) -> None:
+  """Raises a ValueError naming the keys when the test split names no image: training ends by predicting and scoring
+  it, so such a run would train fully and then fail."""
+  split = data_config.get("test_split", "")
+  if data_config.source == "synthetic" and data_config.synthetic.get("num_test", 1) < 1:
+    raise ValueError(f"config.data.synthetic.num_test={data_config.synthetic.num_test}: training ends by scoring the "
+                     "test images, so generate at least one (--config.data.synthetic.num_test=1).")
+  if _names_nothing(data_config, split):
+    raise ValueError(f"the test split names no images ({_key(data_config, 'test', split)}): training ends by "
+                     "predicting and scoring the test images. Name a labelled test split.")
+
+
 def _split_mode(data_config) -> str:
   split_config = data_config.get("split")
   return split_config.mode if split_config is not None else "folders"
@@ -203,6 +215,9 @@ def _key(data_config, role: str, split: str) -> str:
     return f"{name} (config.data.isbi.{split}={_isbi_selection(data_config, split)!r})"
   if data_config.source == "folders":
     return f"{name} (config.data.folders.{split}_images={_folders(data_config, split)[0]!r})"
+  if data_config.source == "tensorstore" and split:
+    image, label = _tensorstore(data_config, split)
+    return f"{name} (config.data.tensorstore.{split}.image={image!r}, .label={label!r})"
   return name
 
 
@@ -214,13 +229,24 @@ def _selection(data_config, split: str) -> list[tuple]:
   if data_config.source == "folders":
     return [("folder", str(pathlib.Path(_folders(data_config, split)[0]).resolve()))]
   if data_config.source == "tensorstore":
-    return [("volume", _tensorstore(data_config, split)[0])]
+    return [("volume", _same_volume(_tensorstore(data_config, split)[0]))]
   return [("split", split)]
+
+
+def _same_volume(text: str) -> str:
+  """A volume's text as compared between splits: a local path (or file:// URL) resolved, so that "a.zarr",
+  "./a.zarr" and "file:///abs/a.zarr" are one volume; URLs of other schemes and JSON specs as written."""
+  text = str(text).strip()
+  if text.startswith("{") or ("://" in text and not text.startswith("file://")):
+    return text
+  return str(pathlib.Path(text.removeprefix("file://")).expanduser().resolve())
 
 
 def _describe_item(item: tuple) -> str:
   if item[0] == "slice":
     return f"{item[1]} slice {item[2]}"
+  if item[0] == "volume":
+    return f"the volume {item[1]}"
   return f"{item[0]} {item[1]}"
 
 

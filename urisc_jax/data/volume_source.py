@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 
 from urisc_jax import volumes
-from urisc_jax.data import sources
+from urisc_jax.data import imageio, sources
 from urisc_jax.data.windows import _mirror  # pylint: disable=protected-access
 
 
@@ -91,14 +91,23 @@ class VolumeSection:
     decode = {"what": self.source_label, "membrane": self.membrane, "threshold": self.threshold}
     return image, TensorStoreWindows(self.label_volume, self.z, label=decode)
 
+  def _check_whole(self, source: str, volume: volumes.InputVolume) -> None:
+    """Refuses, before reading, a section above the pixel cap of every image read (config.data.max_image_pixels):
+    a volume's declared shape costs nothing to write (a sparse 40000^2 volume is a few KB) and a whole read
+    allocates all of it."""
+    imageio.check_pixels(f"the volume {source} of shape {tuple(volume.shape)} (sections, rows, columns)",
+                         self.shape[1], self.shape[0], what=f"section (section {self.z}, read whole to be predicted)")
+
   def image(self) -> np.ndarray:
     """uint8 [H, W]: the whole section (validation and test images are predicted whole)."""
+    self._check_whole(self.source_image, self.image_volume)
     return self.windows()[0].read(0, 0, *self.shape)
 
   def label(self) -> np.ndarray:
     """uint8 [H, W], 1 = membrane."""
     if self.label_volume is None:
       raise ValueError(f"Section {self.z} of {self.source_image} has no label volume.")
+    self._check_whole(self.source_label, self.label_volume)
     return self.windows()[1].read(0, 0, *self.shape)
 
   def official_label(self) -> np.ndarray:

@@ -18,17 +18,23 @@ one by validation F1 (workdir/checkpoints_best) unless config.export.checkpoint 
 
 import dataclasses
 import logging
+import os
 import pathlib
 from typing import Any
 
 import jax
 import numpy as np
 
-from urisc_jax import checkpoint, models, optim, state
+from urisc_jax import checkpoint, config_checks, models, optim, state
 
 FORMATS = ("onnx", "torch", "bioimageio", "stablehlo")
 DEFAULT_NAMES = {"onnx": "model.onnx", "torch": "model.safetensors", "bioimageio": "bioimageio",
                  "stablehlo": "model.stablehlo"}
+
+
+class OutputError(config_checks.ConfigError):
+  """config.export.output cannot take the export (a folder where a file goes, a file where a folder goes, a user's
+  folder, no permission); the message names the key and the fix."""
 
 
 @dataclasses.dataclass
@@ -119,19 +125,62 @@ def output_path(config, workdir: pathlib.Path) -> pathlib.Path:
   return workdir / "export" / DEFAULT_NAMES[config.export.format]
 
 
+def check_output(path: str | pathlib.Path, fmt: str) -> None:
+  """Refuses, before the checkpoint is loaded, an output `fmt` cannot be written to: a folder where the format writes
+  one file, a file where it writes a folder, a path below a file, a folder that is not writable, and (bioimageio) a
+  non-empty folder that is not a package this project wrote.
+
+  Raises:
+    OutputError: naming config.export.output and the fix.
+  """
+  path = pathlib.Path(path)
+  key = f"config.export.output={str(path)!r}"
+  folder_format = fmt == "bioimageio" and path.suffix != ".zip"
+  if folder_format:
+    from urisc_jax.export import bioimageio_package  # pylint: disable=g-import-not-at-top
+    if path.exists() and not path.is_dir():
+      raise OutputError(f"{key} is a file; a bioimage.io package is a folder: pass a new folder, or a path ending in "
+                        ".zip for the zipped package.")
+    reason = bioimageio_package.foreign_folder(path)
+    if reason:
+      raise OutputError(f"{key} is an existing folder that is not a package written by this project ({reason}); it "
+                        "is left as it is. Pass a new or empty folder.")
+  elif path.is_dir():
+    name = "bioimageio.zip" if fmt == "bioimageio" else DEFAULT_NAMES[fmt]
+    raise OutputError(f"{key} is a folder; the {fmt} export is one file: pass a file path, e.g. "
+                      f"--config.export.output={path / name}.")
+  ancestor = path.parent
+  while not ancestor.exists() and ancestor != ancestor.parent:
+    ancestor = ancestor.parent
+  if not ancestor.is_dir():
+    raise OutputError(f"{key}: {ancestor} is a file, so nothing can be written below it; pass a path in a folder.")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise OutputError(f"{key}: the folder {ancestor} is not writable (permission denied); pass a path in a writable "
+                      "folder with --config.export.output=PATH.")
+
+
 def export(config, workdir: str | pathlib.Path) -> dict:
-  """`--mode=export`: writes config.export.format to `output_path`; returns a summary (path, bytes, step, ...)."""
+  """`--mode=export`: writes config.export.format to `output_path`; returns a summary (path, bytes, step, ...).
+
+  The output is checked (`check_output`) before anything is loaded or written; a permission error while writing is
+  reported against config.export.output, not the temporary file it was written through."""
   workdir = pathlib.Path(workdir)
   fmt = config.export.format
   if fmt not in FORMATS:
     raise ValueError(f"config.export.format={fmt!r}: choose one of {', '.join(FORMATS)}")
+  output = output_path(config, workdir)
+  check_output(output, fmt)
   trained = load_trained(config, workdir)
   sample = None
   if fmt == "bioimageio":
     from urisc_jax.export import bioimageio_package  # pylint: disable=g-import-not-at-top
     sample = bioimageio_package.sample_image(config, workdir)
-  summary = write(trained, fmt, output_path(config, workdir), sigmoid=config.export.sigmoid, sample=sample,
-                  sample_size=config.export.sample_size)
+  try:
+    summary = write(trained, fmt, output, sigmoid=config.export.sigmoid, sample=sample,
+                    sample_size=config.export.sample_size)
+  except PermissionError as e:
+    raise OutputError(f"config.export.output={str(output)!r}: cannot write there ({e.strerror or e}); pass a path "
+                      "in a writable folder with --config.export.output=PATH.") from e
   return {**summary, "checkpoint": str(trained.checkpoint_dir)}
 
 

@@ -20,7 +20,9 @@ config.urisc_jax.threshold (chosen on validation images).
 """
 
 import datetime
+import os
 import pathlib
+import shutil
 import tempfile
 
 import numpy as np
@@ -34,6 +36,9 @@ CITATION = ("Shi R, Wang W, Li Z, He L, Sheng K, Ma L, Du K, Jiang T and Huang T
 CITATION_DOI = "10.3389/fncom.2022.842760"
 INPUT_ID, OUTPUT_ID = "raw", "membrane"
 PYTORCH_VERSION = "2.13.0"  # the torch the strict state-dict load was checked with (tests/export_test.py)
+# Every name a package folder of this project holds: an existing folder with anything else is the user's.
+PACKAGE_FILES = frozenset({"rdf.yaml", "weights.onnx", "weights.pt", "test_input.npy", "test_output.npy",
+                           "sample_input.tif", "sample_output.tif", "cover.png", "README.md"})
 
 
 def sample_image(config, workdir: pathlib.Path) -> tuple[str, np.ndarray]:
@@ -99,6 +104,8 @@ def build(trained, sample: tuple[str, np.ndarray], output: str | pathlib.Path, *
     ValueError: bioimageio.spec found the description invalid (its report is in the message).
   """
   output = pathlib.Path(output)
+  if output.suffix == ".zip" and output.is_dir():
+    raise NotADirectoryError(f"config.export.output={output} is a folder; pass a path ending in .zip that is not one")
   if output.suffix == ".zip":
     with tempfile.TemporaryDirectory() as folder:
       summary = _write_folder(trained, sample, pathlib.Path(folder), size=size)
@@ -110,7 +117,67 @@ def build(trained, sample: tuple[str, np.ndarray], output: str | pathlib.Path, *
     return summary
   if output.exists() and not output.is_dir():
     raise NotADirectoryError(f"config.export.output={output} is a file; pass a folder or a path ending in .zip")
-  return _write_folder(trained, sample, output, size=size)
+  reason = foreign_folder(output)
+  if reason:
+    raise FileExistsError(f"config.export.output={output} is an existing folder that is not a package written by this "
+                          f"project ({reason}); it is left as it is. Pass a new or empty folder.")
+  # Built in a hidden sibling and renamed into place once validated: an interrupted export (an error, SIGTERM) leaves
+  # at most that sibling (.<name>.<random>.partial), never a folder at `output` that looks like a whole package.
+  output.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial"))
+  try:
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it owner-only; the package is as any new folder
+    summary = _write_folder(trained, sample, staging, size=size)
+    _move_into_place(staging, output)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return summary
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def foreign_folder(folder: pathlib.Path) -> str | None:
+  """Why an existing, non-empty `folder` is not a package this project wrote (so an export must not replace it), or
+  None where it is absent, empty or one of ours: an rdf.yaml with a config.urisc_jax section and no other names than
+  a package holds (PACKAGE_FILES)."""
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    return None
+  names = sorted(p.name for p in folder.iterdir())
+  if not names:
+    return None
+  others = [n for n in names if n not in PACKAGE_FILES]
+  if others:
+    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    return f"it holds {shown}, which a package does not"
+  try:
+    import yaml  # pylint: disable=g-import-not-at-top
+    rdf = yaml.safe_load((folder / "rdf.yaml").read_text())
+    ours = isinstance(rdf, dict) and isinstance((rdf.get("config") or {}).get("urisc_jax"), dict)
+  except (OSError, ValueError, AttributeError, yaml.YAMLError):
+    ours = False
+  return None if ours else "it has no rdf.yaml written by urisc_jax"
+
+
+def _move_into_place(staging: pathlib.Path, output: pathlib.Path) -> None:
+  """Renames the finished package `staging` to `output`, replacing an empty folder or a previous package there: the
+  previous one is renamed aside first and removed only once the new one is in place."""
+  if not output.exists():
+    staging.rename(output)
+    return
+  previous = pathlib.Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".previous"))
+  previous.rmdir()
+  output.rename(previous)
+  try:
+    staging.rename(output)
+  except BaseException:
+    previous.rename(output)
+    raise
+  shutil.rmtree(previous, ignore_errors=True)
 
 
 def _write_folder(trained, sample, folder: pathlib.Path, *, size: int) -> dict:
