@@ -1,13 +1,26 @@
-"""Shared test fixtures.
+"""Shared test fixtures, and the environment every test runs in.
 
 Real data lives in a `shared/` folder beside the checkout (or wherever URISC_SHARED points). Tests that need it ask
 for the `shared_dir` fixture and skip, with the reason, when it is absent, so a fresh clone still tests cleanly.
+
+The tests are CPU tests whatever the machine has: JAX runs on the CPU unless JAX_PLATFORMS says otherwise (on a GPU
+the "auto" compute dtype would be bfloat16 and the float32 tolerances would not apply), in float32 (a user's
+JAX_ENABLE_X64 is dropped), and with the tests' own compilation cache (a user's JAX_COMPILATION_CACHE_DIR would
+take precedence over URISC_JAX_CACHE). Every compiled program is cached whatever it took to compile: JAX's default
+keeps only programs that took a second or more, which on a fast machine leaves the cache empty and on a loaded one
+makes what is cached depend on the load. XLA_FLAGS is kept: that is how the numerics tests are run as an older CPU
+(`XLA_FLAGS=--xla_cpu_max_isa=AVX2 python -m pytest -m numerics`).
 """
 
 import os
 import pathlib
 
-import pytest
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+for _variable in ("JAX_ENABLE_X64", "JAX_COMPILATION_CACHE_DIR"):
+  os.environ.pop(_variable, None)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+import pytest  # pylint: disable=wrong-import-position
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

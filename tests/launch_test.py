@@ -46,8 +46,9 @@ def _env(**extra) -> dict:
 
 
 def _dry_run(script: pathlib.Path, *args: str, **env) -> list[str]:
-  out = subprocess.run(["bash", str(script), *args], env=_env(DRY_RUN="1", **env), capture_output=True, text=True,
-                       check=True, timeout=30)
+  # LC_ALL=C: bash warns on stderr about a LANG that names a locale the machine lacks (common in containers).
+  out = subprocess.run(["bash", str(script), *args], env=_env(DRY_RUN="1", LC_ALL="C", **env), capture_output=True,
+                       text=True, check=True, timeout=30)
   assert out.stderr == ""
   return out.stdout.splitlines()
 

@@ -7,6 +7,10 @@ import pytest
 
 from urisc_jax.models import layers
 
+# Floating-point comparisons (each layer's forms against torch definitions and each other):
+# .ci/run runs them again under XLA's AVX2 cap.
+pytestmark = pytest.mark.numerics
+
 
 def _numpy_conv_transpose(x, weight, bias, stride, padding):
   """torch's ConvTranspose2d by its definition: every input pixel scatters weight[i, o] onto the output.

@@ -35,14 +35,90 @@ LOWERED_MODELS = {
 }
 
 
+# Leaves whose exact gradient is zero (a bias before a BatchNorm) hold only rounding noise, which scales with the
+# network, not with the leaf: each leaf's scale is its own gradient norm plus this fraction of the largest one.
+ZERO_GRADIENT_FLOOR = 1e-3
+
+
+def assert_close_to_golden(got: dict, want: dict, direction_norms: np.ndarray, *, logits_rtol: float,
+                           gradients_rtol: float, what: str) -> None:
+  """Logits within `logits_rtol` of the largest stored logit; each leaf's gradient norm within `gradients_rtol` of
+  its scale, and its projection on a direction d within `gradients_rtol` x scale x |d| (Cauchy-Schwarz: the most a
+  gradient error of that relative size can move the projection)."""
+  logits_scale = np.abs(want["logits"]).max()
+  np.testing.assert_allclose(got["logits"], want["logits"], rtol=0, atol=logits_rtol * logits_scale,
+                             err_msg=f"{what}/logits")
+  norms = want["grad_norms"]
+  scale = norms + ZERO_GRADIENT_FLOOR * norms.max()
+  np.testing.assert_array_less(np.abs(got["grad_norms"] - norms), gradients_rtol * scale,
+                               err_msg=f"{what}/grad_norms")
+  np.testing.assert_array_less(np.abs(got["grad_projections"] - want["grad_projections"]),
+                               gradients_rtol * scale * direction_norms, err_msg=f"{what}/grad_projections")
+
+
+def _stored(case: str) -> dict:
+  stored = np.load(GOLDEN)
+  return {key: stored[f"{case}/{key}"] for key in ("logits", "grad_norms", "grad_projections")}
+
+
+def _direction_norms(directions) -> np.ndarray:
+  return np.array([np.linalg.norm(d) for d in jax.tree.leaves(directions)])
+
+
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", sorted(golden.CASES))
-def test_cpu_outputs_and_gradients_equal_the_stored_ones(case):
-  """The CPU forms compute what they computed when the golden file was written (tests/fixtures/models/
-  make_cpu_forms_golden.py), values and gradients."""
-  want = np.load(GOLDEN)
-  got = golden.case_values(*golden.case_inputs(golden.CASES[case]))
-  for key, value in got.items():
-    np.testing.assert_allclose(value, want[f"{case}/{key}"], rtol=1e-5, atol=1e-6, err_msg=f"{case}/{key}")
+def test_cpu_forms_compute_the_stored_function_in_float64(case):
+  """The CPU forms compute, in float64, the function stored in the golden file (tests/fixtures/models/
+  make_cpu_forms_golden.py), values and gradients.
+
+  Gradients to 1e-9: float64 throughout (the backward pass starts from the cotangent, exact in float64), and float64
+  rounding (1.1e-16) amplified by these networks (float32 shows up to ~3e4 ulps for single train-mode gradient
+  elements) stays near 1e-12: computed under XLA_FLAGS=--xla_cpu_max_isa=SSE4_2 on one core (taskset -c 0), every
+  norm and projection was within 7e-13 of the file, written with AVX2 on two cores. 1e-9 leaves three decades for
+  any other CPU's blocking, instruction set or thread count. Logits to 2.5e-7 of the largest: the models return
+  float32 logits by design (their heads cast to what the loss and the sigmoid take), so the float64 function's
+  logits carry one final float32 rounding, which a 1e-13 difference underneath can move by one ulp (6e-8 relative).
+  Either bound still catches any change of the function: a swapped or flipped kernel, a missing BatchNorm, a wrong
+  phase of a transposed convolution or a wrong epsilon move values by far more."""
+  with jax.enable_x64(True):
+    inputs = golden.case_inputs(golden.CASES[case], jnp.float64)
+    got = golden.case_values(*inputs)
+  assert all(leaf.dtype == np.float64 for leaf in jax.tree.leaves(inputs[1]))
+  assert_close_to_golden(got, _stored(case), _direction_norms(inputs[-1]), logits_rtol=2.5e-7, gradients_rtol=1e-9,
+                         what=case)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("case", sorted(golden.CASES))
+def test_cpu_forms_in_float32_stay_within_float32_rounding_of_the_stored_function(case):
+  """The float32 forms (what training and prediction run on the CPU) compute the stored float64 function to float32
+  rounding.
+
+  Logits: 1e-4 of the largest logit; measured 3e-7 to 1.3e-6 (U-Net-ResNet50's 50 layers the most), so the bound
+  leaves ~80x for another CPU's blocking, instruction set and thread count, and still catches a change of any
+  logit by 1e-4 of the largest. Gradients: 1e-2 of each leaf's scale; train-mode BatchNorm over a batch of 2
+  amplifies float32 rounding (single elements of a leaf differ by up to 0.4 % between two summation orders; the
+  norms and projections, which average over a leaf, were measured within 1.5e-4), so 1e-2 leaves ~60x, and a wrong
+  form (a swapped or flipped kernel, a missing normalization, a transposed convolution's wrong phase) changes the
+  gradients of every leaf it touches by order 1."""
+  inputs = golden.case_inputs(golden.CASES[case])
+  got = golden.case_values(*inputs)
+  assert_close_to_golden(got, _stored(case), _direction_norms(inputs[-1]), logits_rtol=1e-4, gradients_rtol=1e-2,
+                         what=case)
+
+
+@pytest.mark.numerics
+def test_the_golden_comparison_catches_a_flipped_kernel():
+  """What the float32 tolerances would still catch: one 3x3 kernel of the plain U-Net flipped (a convolution that
+  became a correlation, the classic port bug) fails the comparison."""
+  model, variables, x, cotangent, directions = golden.case_inputs(golden.CASES["plain_unet"])
+  flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+  path, kernel = next((p, k) for p, k in flat if k.ndim == 4 and k.shape[:2] == (3, 3))
+  flipped = jax.tree_util.tree_map_with_path(lambda p, k: k[::-1, ::-1] if p == path else k, variables["params"])
+  got = golden.case_values(model, {**variables, "params": flipped}, x, cotangent, directions)
+  with pytest.raises(AssertionError):
+    assert_close_to_golden(got, _stored("plain_unet"), _direction_norms(directions), logits_rtol=1e-4,
+                           gradients_rtol=1e-2, what="plain_unet with a flipped kernel")
 
 
 def _train_mode_logits_and_gradients(model, variables, x, cotangent, directions):
@@ -56,6 +132,7 @@ def _train_mode_logits_and_gradients(model, variables, x, cotangent, directions)
   return np.asarray(logits), [np.asarray(g) for g in jax.tree.leaves(grads)]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", [
     ("unet", {"encoder": "resnet18", "width": 0.125}, (2, 64, 64, 1)),  # 1x1, folded upsampling, swapped gradients
     golden.CASES["linknet_resnet18"],  # phase transposed convolutions

@@ -95,6 +95,7 @@ def _features(encoder, variables, x):
   return jax.jit(lambda v, x: encoder.apply(v, x, train=False))(variables, x)
 
 
+@pytest.mark.numerics
 def test_cem500k_fixture_reproduces_torch_features(encoder_and_variables):
   encoder, abstract = encoder_and_variables
   wrapped = {c: {"encoder": abstract["encoder"][c]} for c in ("params", "batch_stats")}

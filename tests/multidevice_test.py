@@ -18,7 +18,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def _main_on_8_devices(workdir, num_steps):
   # Backend optimization level 0: the same programs, compiled about 3 x faster and run a little slower.
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+                       + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
   command = [sys.executable, "-m", "urisc_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
              f"--config.train.num_steps={num_steps}"]
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

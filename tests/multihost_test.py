@@ -42,7 +42,8 @@ def _free_port() -> int:
 def _environment(devices: int) -> dict:
   # Backend optimization level 0: the same programs, compiled about 3 x faster (as tests/multidevice_test.py).
   return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
+              XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+                        + f" --xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
 
 
 def _start(workdir, *flags, processes=2, devices=2) -> list[subprocess.Popen]:

@@ -46,7 +46,10 @@ def test_steps_lower_the_loss_and_update_every_part_of_the_state(compiled):
     history.append(float(metrics["loss"]))
   assert int(state.step) == 8
   assert all(np.isfinite(history))
-  assert all(b < a for a, b in zip(history, history[1:])), history  # fitting one batch: loss falls every step
+  # Fitting one batch, the loss falls: on every step up to float32 rounding (1e-4 of the loss, where a step lowers it
+  # by ~1e-2 here, so another machine's summation order cannot flip it), and by 3 % over the 8 steps (7 % measured).
+  assert all(b < a * (1 + 1e-4) for a, b in zip(history, history[1:])), history
+  assert history[-1] < 0.97 * history[0], history
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), first_params, state.params)
   assert all(jax.tree.leaves(changed))
   assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), first_stats, state.batch_stats)))

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -76,7 +77,7 @@ def test_a_genuine_manifest_of_other_parameters_still_replaces_its_own_files(tmp
 
 def test_a_second_run_in_a_busy_workdir_stops_naming_the_first(tmp_path):
   with run_lock.exclusive(tmp_path):
-    with pytest.raises(run_lock.WorkdirBusyError, match=rf"{tmp_path} is in use by the run started .* process "
+    with pytest.raises(run_lock.WorkdirBusyError, match=rf"{re.escape(str(tmp_path))} is in use by the run started .* process "
                                                           rf"{os.getpid()}"):
       with run_lock.exclusive(tmp_path):
         pass
@@ -173,7 +174,7 @@ def test_a_torn_last_log_line_from_a_killed_run_is_skipped(tmp_path):
 def test_a_data_root_that_is_a_file_is_named_as_a_file(tmp_path, reader, what):
   root = tmp_path / "data"
   root.write_text("oops")
-  with pytest.raises(imageio.DataError, match=f"{what} {root} is a file, not a folder"):
+  with pytest.raises(imageio.DataError, match=f"{what} {re.escape(str(root))} is a file, not a folder"):
     reader(root)
   assert root.read_text() == "oops"
 

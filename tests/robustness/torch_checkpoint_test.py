@@ -222,7 +222,9 @@ def test_bad_checkpoint_is_refused(tmp_path, build, limits, error, fragment):
     torch_import.read_checkpoint(path, **limits)
   assert fragment in str(raised.value)
   assert str(path) in str(raised.value), "the message must name the file"
-  assert time.perf_counter() - start < 5  # refused before any bomb is inflated
+  # Refused before any bomb is inflated: inflating one takes minutes or exhausts memory, so a bound of 30 s holds on a
+  # loaded or emulated machine and still tells the two apart.
+  assert time.perf_counter() - start < 30
 
 
 def _allowlist_snapshot():
@@ -276,7 +278,7 @@ def test_hostile_pickles_that_load_stay_small(tmp_path):
   path = forge.write_checkpoint(tmp_path / "memo.pth", memo_bomb)
   start = time.perf_counter()
   assert torch_import.read_checkpoint(path) is None
-  assert time.perf_counter() - start < 1
+  assert time.perf_counter() - start < 10  # a 2^31-entry memo would take minutes and gigabytes
 
 
 def test_genuine_features_load(tmp_path):
