@@ -39,8 +39,10 @@ FUZZ_MAX_PIXELS = 1 << 20
 # 2026.3): 79 MB after imports and writing the seeds; 93 MB after 20000 mutants per format (seed 0), 81 MB (seed 1).
 # One image at the cap takes 1-4 MB per copy (uint8 to RGBA), a few copies per read. Before the TIFF tile check
 # single mutants took 64-119 MB (libtiff tile buffers) and the run peaked at 199 MB, which this bound fails; the
-# ~55 MB above the measured peak leave room for allocator noise across library versions.
-PEAK_RSS_BOUND_MB = 150
+# ~55 MB above the measured peak leave room for allocator noise across library versions. Bounded as the rise above the
+# child's own baseline (14 MB measured), since the baseline itself grows with the machine (BLAS thread buffers per
+# core) and the library builds; 70 MB still fails the 64-119 MB tile buffers.
+PEAK_RSS_RISE_BOUND_MB = 70
 SECONDS_PER_READ = 10  # a read slower than this counts as a hang
 INTERESTING_WORDS = (0, 1, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF, 0x10000, 20000, 100_000, 0x7FFFFFFF,
                      0x80000000, 0xFFFFFFFF)
@@ -253,7 +255,7 @@ def test_fuzz_readers_read_or_refuse(tmp_path):
     for c in by_reader.values():
       assert c["read"] + c["refused"] == inputs
   if "URISC_FUZZ_MAX_PIXELS" not in os.environ:  # the bound was measured under FUZZ_MAX_PIXELS
-    assert report["peak_kb"] < PEAK_RSS_BOUND_MB * 1024, report
+    assert report["peak_kb"] - report["baseline_kb"] < PEAK_RSS_RISE_BOUND_MB * 1024, report
 
 
 if __name__ == "__main__":
