@@ -51,6 +51,23 @@ def _config(**predict_options):
                                     "predict": {"match_resolution": True, "input_pixel_nm": None, **predict_options}})
 
 
+# ImageJ's text metadata is ASCII: it spells the micro sign as the six characters \u00B5.
+@pytest.mark.parametrize("unit,size", [("nm", 4.0), ("angstrom", 40.0), ("micron", 0.004), ("\\u00B5m", 0.004),
+                                       ("pm", 4000.0)])
+def test_an_image_pixel_size_in_any_length_unit_is_the_same_in_nm(tmp_path, unit, size):
+  """ImageJ metadata in angstrom (or ImageJ's escaped micro sign) is the same 4 nm as in nm: images and volumes read
+  units through one table (urisc_jax/units.py), so no unit is understood by one and skipped by the other."""
+  tifffile.imwrite(tmp_path / "imagej.tif", np.zeros((8, 8), np.uint8), imagej=True, resolution=(1 / size, 1 / size),
+                   metadata={"unit": unit})
+  assert resolution.pixel_size_nm(tmp_path / "imagej.tif") == pytest.approx(4.0)
+
+
+def test_a_pixel_size_in_a_unit_that_is_no_length_is_unknown(tmp_path):
+  tifffile.imwrite(tmp_path / "imagej.tif", np.zeros((8, 8), np.uint8), imagej=True, resolution=(0.25, 0.25),
+                   metadata={"unit": "second"})
+  assert resolution.pixel_size_nm(tmp_path / "imagej.tif") is None
+
+
 def test_pixel_size_from_tiff_tags_imagej_metadata_and_ome_zarr(tmp_path):
   gray = np.zeros((8, 8), np.uint8)
   tifffile.imwrite(tmp_path / "imagej.tif", gray, imagej=True, resolution=(1 / 4.0, 1 / 4.0), metadata={"unit": "nm"})

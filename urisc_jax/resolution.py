@@ -22,12 +22,9 @@ import pathlib
 
 import numpy as np
 
+from urisc_jax import units
 from urisc_jax.data import imageio, resample
 
-# Nanometres per unit, for the unit names TIFF, ImageJ and OME-NGFF use.
-_NM_PER_UNIT = {"nm": 1.0, "nanometer": 1.0, "um": 1e3, "µm": 1e3, "\\u00B5m": 1e3, "micron": 1e3,
-                "micrometer": 1e3, "mm": 1e6, "millimeter": 1e6, "cm": 1e7, "centimeter": 1e7, "m": 1e9,
-                "meter": 1e9, "inch": 2.54e7}
 # TIFF ResolutionUnit: 2 = inch, 3 = centimetre (1 = none: no physical size).
 _TIFF_UNITS = {2: "inch", 3: "cm"}
 # The smallest side an image may be resampled down to: below it the network sees no membrane of a few pixels' width
@@ -40,15 +37,9 @@ class ResolutionError(imageio.DataError):
   """An input's pixel size would resample it beyond the pixel cap or below MIN_MATCHED_SIDE; names the fix."""
 
 
-def _nm(value: float, unit: str | None) -> float | None:
-  """`value` in `unit` as nanometres; None for an unknown unit or a non-positive value."""
-  factor = _NM_PER_UNIT.get((unit or "").strip().lower())
-  return None if factor is None or not value > 0 else float(value) * factor
-
-
 def to_nm(value: float, unit: str | None) -> float | None:
   """A pixel size `value` in `unit` (the unit names of TIFF, ImageJ and OME-NGFF) as nm; None when unknown."""
-  return _nm(value, unit)
+  return units.to_nm(value, unit)
 
 
 def _ome_zarr_pixel_nm(folder: pathlib.Path) -> float | None:
@@ -68,7 +59,7 @@ def _ome_zarr_pixel_nm(folder: pathlib.Path) -> float | None:
     if not scales or "y" not in names:
       return None
     y = names.index("y")
-    return _nm(scales[0]["scale"][y], axes[y].get("unit") if isinstance(axes[y], dict) else None)
+    return to_nm(scales[0]["scale"][y], axes[y].get("unit") if isinstance(axes[y], dict) else None)
   return None
 
 
@@ -93,9 +84,9 @@ def _tiff_pixel_nm(path: pathlib.Path) -> float | None:
     per_unit = numerator / denominator  # pixels per unit
     imagej = tif.imagej_metadata or {}
     if imagej.get("unit"):
-      return _nm(1.0 / per_unit, str(imagej["unit"]))
+      return to_nm(1.0 / per_unit, str(imagej["unit"]))
     unit = _TIFF_UNITS.get(int(getattr(tags.get("ResolutionUnit"), "value", 1)))
-    return None if unit is None else _nm(1.0 / per_unit, unit)
+    return None if unit is None else to_nm(1.0 / per_unit, unit)
 
 
 def pixel_size_nm(path) -> float | None:

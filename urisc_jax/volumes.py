@@ -43,6 +43,7 @@ import numpy as np
 import tensorstore as ts
 
 from urisc_jax import outputs
+from urisc_jax.units import TIME_UNITS, nm_factor
 from urisc_jax.data.imageio import DataError
 
 OME_VERSION = "0.4"
@@ -147,30 +148,6 @@ def _precomputed_info(path: pathlib.Path) -> dict | None:
       and value["scales"]:
     return value
   return None
-
-
-# Nanometres per unit, as (multiplier, divisor) so that decimal sizes convert exactly (40 angstrom = 4.0 nm): every
-# space unit of OME-NGFF 0.4 and the short forms files use.
-_NM_PER_UNIT = {
-    "yoctometer": (1, 1e15), "zeptometer": (1, 1e12), "attometer": (1, 1e9), "femtometer": (1, 1e6),
-    "picometer": (1, 1e3), "angstrom": (1, 10), "nanometer": (1, 1), "micrometer": (1e3, 1), "millimeter": (1e6, 1),
-    "centimeter": (1e7, 1), "decimeter": (1e8, 1), "meter": (1e9, 1), "hectometer": (1e11, 1),
-    "kilometer": (1e12, 1), "megameter": (1e15, 1), "gigameter": (1e18, 1), "terameter": (1e21, 1),
-    "petameter": (1e24, 1), "exameter": (1e27, 1), "zettameter": (1e30, 1), "yottameter": (1e33, 1),
-    "inch": (2.54e7, 1), "foot": (3.048e8, 1), "yard": (9.144e8, 1), "mile": (1.609344e12, 1),
-    "parsec": (3.0856775814913673e25, 1),
-    "nm": (1, 1), "um": (1e3, 1), "\u00b5m": (1e3, 1), "\u03bcm": (1e3, 1), "micron": (1e3, 1), "mm": (1e6, 1),
-    "cm": (1e7, 1), "m": (1e9, 1), "\u00e5": (1, 10), "pm": (1, 1e3),
-}
-# OME-NGFF 0.4 time units: allowed on the section axis (a time series predicted frame by frame), not on y or x.
-_TIME_UNITS = frozenset(f"{p}second" for p in ("", "atto", "centi", "deci", "exa", "femto", "giga", "hecto", "kilo",
-                                               "mega", "micro", "milli", "nano", "peta", "pico", "tera", "yocto",
-                                               "yotta", "zepto", "zetta")) | {"minute", "hour", "day"}
-
-
-def unit_nm(unit: str) -> tuple[float, float] | None:
-  """(multiplier, divisor) from `unit` to nanometres, None for a unit that is no length."""
-  return _NM_PER_UNIT.get(unit.strip().lower())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,10 +372,10 @@ def _in_nm(scale: list[float], units: list[str], axes: list[dict | None], where:
   for i, unit in enumerate(units):
     if not unit:
       continue
-    factor = unit_nm(unit)
+    factor = nm_factor(unit)
     if factor is not None:
       scale[i], units[i] = scale[i] * factor[0] / factor[1], "nanometer"
-    elif not (unit.strip().lower() in _TIME_UNITS and i < len(units) - 2):
+    elif not (unit.strip().lower() in TIME_UNITS and i < len(units) - 2):
       name = axes[i]["name"] if axes[i] else str(i)
       raise VolumeError(f"{where}: the axis {name!r} has the unit {unit!r}, which is not a length unit of OME-NGFF "
                         "(e.g. nanometer, micrometer, angstrom); fix the unit in the metadata.")
