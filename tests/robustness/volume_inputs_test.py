@@ -280,6 +280,7 @@ def test_predict_on_garbled_multiscales_exits_2_with_one_line(tmp_path):
   (group / ".zattrs").write_text(json.dumps({"multiscales": [{"datasets": []}]}))
   before = {p: p.read_bytes() for p in group.rglob("*") if p.is_file()}
   root = pathlib.Path(__file__).resolve().parents[2]
+  (tmp_path / "work").mkdir()  # an existing run's folder: --mode=predict refuses a --workdir that does not exist
   result = subprocess.run([sys.executable, "-m", "urisc_jax.main", f"--config={root / 'configs/tiny.py'}",
                            f"--workdir={tmp_path / 'work'}", "--mode=predict", f"--config.predict.input={group}",
                            f"--config.predict.output={tmp_path / 'out.zarr'}"], cwd=root, capture_output=True,
