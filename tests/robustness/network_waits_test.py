@@ -295,6 +295,7 @@ def test_one_process_of_a_two_process_job_started_alone_exits_2_within_its_deadl
 def test_a_volume_on_a_silent_server_exits_2_from_the_command_line(tmp_path):
   with _silent_server() as (port, _):
     spec = json.dumps({"driver": "zarr", "kvstore": f"http://127.0.0.1:{port}/em.zarr"})
+    (tmp_path / "run").mkdir()  # an existing run's folder: --mode=predict refuses a --workdir that does not exist
     process = _main(tmp_path / "run", "--mode=predict", f"--config.predict.input={spec}",
                     f"--config.predict.output={tmp_path / 'out.zarr'}", "--config.predict.volume.open_timeout_s=2")
     _, err = _communicate(process)
