@@ -1,8 +1,9 @@
-"""urisc_jax: cell-membrane segmentation of ultra-high-resolution EM images (U-RISC) in JAX/Flax."""
+"""urisc_jax: cell-membrane segmentation of ultra-high-resolution EM images (U-RISC) in JAX/Flax.
 
-from urisc_jax import xla_flags
+Importing the package changes no global state. `python -m urisc_jax.main` sets the project's XLA:CPU options before
+JAX starts; a script that wants them calls `urisc_jax.configure_xla_cpu()` before its first JAX computation.
+"""
 
-# Before anything imports jax and runs a computation: the CPU backend reads XLA_FLAGS once, when it starts.
-xla_flags.apply()
+from urisc_jax.xla_flags import apply as configure_xla_cpu
 
 __version__ = "0.1.0"
