@@ -32,7 +32,6 @@ import numpy as np
 
 from benchmarks.json_lines import emit, log, run_and_collect
 from benchmarks.models import timed
-# Importing urisc_jax sets its XLA flags before jax computes anything.
 from urisc_jax.models import cpu_convolution, layers
 
 # (layer, count in the model, input H = W at a 1024^2 crop, Cin, Cout, kernel, stride)

@@ -54,6 +54,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("Pass --config=configs/<name>.py and --workdir=DIR (the trained run).")
+  from urisc_jax import xla_flags  # pylint: disable=g-import-not-at-top
+  # The project's XLA:CPU options, as `python -m urisc_jax.main` runs with: sbatch passes this environment on to the
+  # workers' jobs (SLURM's default --export=ALL).
+  xla_flags.apply()
   import distributed  # pylint: disable=g-import-not-at-top,unused-import  # (sets its log levels on import)
   logging.getLogger("distributed").setLevel(logging.WARNING)  # not every worker's arrival
   cluster = make_cluster()

@@ -9,7 +9,9 @@ JAX_ENABLE_X64 is dropped), and with the tests' own compilation cache (a user's 
 take precedence over URISC_JAX_CACHE). Every compiled program is cached whatever it took to compile: JAX's default
 keeps only programs that took a second or more, which on a fast machine leaves the cache empty and on a loaded one
 makes what is cached depend on the load. XLA_FLAGS is kept: that is how the numerics tests are run as an older CPU
-(`XLA_FLAGS=--xla_cpu_max_isa=AVX2 python -m pytest -m numerics`).
+(`XLA_FLAGS=--xla_cpu_max_isa=AVX2 python -m pytest -m numerics`). The project's XLA:CPU options are added to them
+(`urisc_jax.configure_xla_cpu`), before any test starts JAX's backend, so the tests compute as `python -m
+urisc_jax.main` does, and the processes they start inherit them.
 """
 
 import os
@@ -21,6 +23,10 @@ for _variable in ("JAX_ENABLE_X64", "JAX_COMPILATION_CACHE_DIR"):
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import pytest  # pylint: disable=wrong-import-position
+
+from urisc_jax import xla_flags  # pylint: disable=wrong-import-position
+
+xla_flags.apply()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

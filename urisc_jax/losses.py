@@ -143,6 +143,39 @@ LOSSES: dict[str, LossFn] = {
     "soft_f1": soft_f1,
 }
 
+
+
+def register(name: str):
+  """Function decorator: adds a loss to LOSSES, so `from_config` (config.loss.name) finds it; for outside code.
+
+      @losses.register("weighted_bce")
+      def weighted_bce(logits, labels, *, membrane_weight: float = 1.0):  # [N, H, W, 1] each -> scalar
+        ...
+
+  The loss takes `logits` and `labels` of the same shape and returns a scalar; its keyword-only arguments are its
+  options, read from config.loss. Registering the same function again (re-running its module) is allowed.
+
+  Args:
+    name: the loss's name in config.loss.name; must not be taken by another function.
+
+  Returns:
+    The decorator, which returns the function unchanged.
+
+  Raises:
+    ValueError: the name is taken by another loss.
+  """
+
+  def add(loss_fn: LossFn) -> LossFn:
+    previous = LOSSES.get(name)
+    if previous is not None and (getattr(previous, "__module__", None), getattr(previous, "__qualname__", None)) != (
+        getattr(loss_fn, "__module__", None), getattr(loss_fn, "__qualname__", None)):
+      raise ValueError(f"loss name {name!r} is already registered by {previous.__module__}.{previous.__qualname__}")
+    LOSSES[name] = loss_fn
+    return loss_fn
+
+  return add
+
+
 # config.loss keys that are not options of a loss function.
 _NON_LOSS_KEYS = ("name", "deep_supervision")
 

@@ -1,5 +1,8 @@
 """XLA:CPU options the project runs with, set in the environment before JAX starts its CPU backend.
 
+`python -m urisc_jax.main` sets them before any JAX computation; scripts, notebooks and benchmarks that want them call
+`urisc_jax.configure_xla_cpu()` (this module's `apply`) first thing. Importing the package sets nothing.
+
 The pinned jaxlib (0.10.x) routes single convolutions on the CPU to YNNPACK. Its weight gradients are slow for
 the wide, few-channel maps of segmentation networks: the gradient of a 3x3 convolution, a correlation of two
 full-resolution maps, took 2-4x its forward pass there, against about 2x with XLA's Eigen convolutions. Measured
@@ -14,6 +17,8 @@ set may differ: XLA stops on a flag it does not know).
 
 import importlib.metadata
 import os
+import sys
+import warnings
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 EIGEN_CHOICE = "-individual_convolution"
@@ -35,10 +40,31 @@ def eigen_convolutions(xla_flags: str | None = None) -> bool:
   return bool(values) and EIGEN_CHOICE in values[-1].split(",")
 
 
-def apply() -> None:
-  """Sets XLA_FLAGS for this process; takes effect if no JAX computation has run yet (the backend starts lazily)."""
+def apply() -> str:
+  """Adds the project's XLA:CPU options to this process's XLA_FLAGS (the user's own choices are kept).
+
+  Call it before the first JAX computation: JAX's backend reads XLA_FLAGS once, when it starts (lazily, on the first
+  computation or device query; importing jax does not start it). Called later, it warns and the flags reach only
+  child processes. GPU and TPU backends ignore the options.
+
+  Returns:
+    The XLA_FLAGS value this process now has ("" when none).
+  """
   try:
     jaxlib_version = importlib.metadata.version("jaxlib")
   except importlib.metadata.PackageNotFoundError:
-    return
-  os.environ["XLA_FLAGS"] = with_eigen_convolutions(os.environ.get("XLA_FLAGS", ""), jaxlib_version)
+    return os.environ.get("XLA_FLAGS", "")
+  flags = with_eigen_convolutions(os.environ.get("XLA_FLAGS", ""), jaxlib_version)
+  if flags != os.environ.get("XLA_FLAGS", "") and _backend_started():
+    warnings.warn("urisc_jax.configure_xla_cpu() was called after JAX's backend started: this process keeps its "
+                  "XLA flags; call it before the first JAX computation.", RuntimeWarning, stacklevel=2)
+  if flags:
+    os.environ["XLA_FLAGS"] = flags
+  return flags
+
+
+def _backend_started() -> bool:
+  """Whether this process's JAX backend has started (then it no longer reads XLA_FLAGS). Imports nothing."""
+  bridge = sys.modules.get("jax._src.xla_bridge")
+  started = getattr(bridge, "backends_are_initialized", None)
+  return bool(started and started())

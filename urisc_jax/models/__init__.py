@@ -7,8 +7,9 @@
     logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
 
 `build(name)` imports `urisc_jax/models/<name>.py` and instantiates its `MODEL_CLASS` with the class defaults
-overridden by keyword. Every model returns float32 logits at the input's size; inputs must have H and W divisible
-by 32 (CASENet: by 8). Common overrides: encoder, in_channels, num_classes, width, dtype.
+overridden by keyword; code outside the package adds models with the `register` decorator. Every model returns
+float32 logits at the input's size; inputs must have H and W divisible by 32 (CASENet: by 8). Common overrides:
+encoder, in_channels, num_classes, width, dtype.
 """
 
 import dataclasses
@@ -43,15 +44,73 @@ CEM500K_NORMALIZATION = InputNormalization(mean=0.57287007, std=0.12740536)
 input_normalization = {"cem500k": CEM500K_NORMALIZATION}
 
 
-def available() -> list[str]:
-  """Names `build` accepts: the modules of this package that define MODEL_CLASS."""
+# Models registered from outside the package: name -> (class, input multiple).
+_REGISTERED: dict[str, tuple[type[nn.Module], int]] = {}
+
+
+def _builtin() -> list[str]:
+  """The modules of this package that define MODEL_CLASS."""
   names = []
   for info in pkgutil.iter_modules(__path__):
     if info.name.startswith("_") or info.name in _NOT_MODELS:
       continue
     if hasattr(importlib.import_module(f"{__name__}.{info.name}"), "MODEL_CLASS"):
       names.append(info.name)
-  return sorted(names)
+  return names
+
+
+def available() -> list[str]:
+  """Names `build` accepts: the modules of this package that define MODEL_CLASS, and the registered models."""
+  return sorted({*_builtin(), *_REGISTERED})
+
+
+def register(name: str, *, input_multiple: int = 32):
+  """Class decorator: makes a Flax Linen model class buildable by name, from code outside the package.
+
+      @models.register("my_unet", input_multiple=32)
+      class MyUNet(nn.Module):
+        in_channels: int = 1
+        num_classes: int = 1
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):  # x [N, H, W, in_channels] -> float32 [N, H, W, num_classes]
+          ...
+
+  Then `build("my_unet", ...)` makes it, and so does `--config.model.name=my_unet` once the module that registers it
+  is imported. The class's attributes are its options (the configs build with in_channels=1, num_classes=1 and the
+  keys of config.model); `model.apply(variables, x, train=...)` must return logits at the input's size.
+
+  Args:
+    name: the model's name; must not be one of the package's own models.
+    input_multiple: what the input height and width must be multiples of (the deepest map's downsampling).
+
+  Returns:
+    The decorator, which returns the class unchanged.
+
+  Raises:
+    ValueError: the name is taken by a built-in model or by another registered class.
+  """
+  if not isinstance(input_multiple, int) or input_multiple < 1:
+    raise ValueError(f"input_multiple must be a positive integer, got {input_multiple!r}")
+
+  def add(cls: type[nn.Module]) -> type[nn.Module]:
+    if name in _builtin():
+      raise ValueError(f"model name {name!r} is one of urisc_jax's own models; register under another name")
+    previous = _REGISTERED.get(name)
+    # Re-running the defining module (a notebook cell, importlib.reload) registers the same class again.
+    if previous and (previous[0].__module__, previous[0].__qualname__) != (cls.__module__, cls.__qualname__):
+      raise ValueError(f"model name {name!r} is already registered by {previous[0].__module__}."
+                       f"{previous[0].__qualname__}")
+    _REGISTERED[name] = (cls, input_multiple)
+    return cls
+
+  return add
+
+
+def _model_class(name: str) -> type[nn.Module]:
+  if name in _REGISTERED:
+    return _REGISTERED[name][0]
+  return importlib.import_module(f"{__name__}.{name}").MODEL_CLASS
 
 
 def model_fields(cls: type[nn.Module]) -> dict[str, Any]:
@@ -63,7 +122,7 @@ def build(name: str, **overrides: Any) -> nn.Module:
   """Instantiates the model `name` ('unet', 'linknet', 'casenet', 'plain_unet', ...) with `overrides`.
 
   Args:
-    name: a module of urisc_jax.models that defines MODEL_CLASS.
+    name: a module of urisc_jax.models that defines MODEL_CLASS, or a name given to `register`.
     **overrides: attributes of that class (e.g. encoder='resnet18', in_channels=1, num_classes=1, width=0.25,
       dtype=jnp.bfloat16, or dtype='auto': bfloat16 on GPUs and TPUs, float32 on the CPU).
 
@@ -76,7 +135,7 @@ def build(name: str, **overrides: Any) -> nn.Module:
   valid = available()
   if name not in valid:
     raise ValueError(f"unknown model {name!r}; valid models: {', '.join(valid)}")
-  cls = importlib.import_module(f"{__name__}.{name}").MODEL_CLASS
+  cls = _model_class(name)
   fields = model_fields(cls)
   unknown = sorted(set(overrides) - set(fields))
   if unknown:
@@ -96,6 +155,8 @@ def input_multiple(name: str) -> int:
   valid = available()
   if name not in valid:
     raise ValueError(f"unknown model {name!r}; valid models: {', '.join(valid)}")
+  if name in _REGISTERED:
+    return _REGISTERED[name][1]
   return importlib.import_module(f"{__name__}.{name}").INPUT_MULTIPLE
 
 
