@@ -160,6 +160,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 400
   config.train.batch_size = 8  # global, over all devices and hosts
+  # > 0: the global batch is this many crops per device times the job's device count (train.batch_size is then
+  # replaced), so that one setting starts a job of any size; the multi-host launchers set it. 0 = batch_size.
+  config.train.batch_size_per_device = 0
   config.train.log_every = 25
   config.train.checkpoint_every = 200
   config.train.keep_checkpoints = 2
@@ -167,7 +170,8 @@ def get_config() -> ml_collections.ConfigDict:
   # val_f1; the best-scoring state is kept in workdir/checkpoints_best. 0 = only after training.
   config.train.eval_every = 200
 
-  # Each host/device count must divide the batch: ("data", -1) takes every device.
+  # Each host/device count must divide the batch (train.batch_size_per_device always does): ("data", -1) takes
+  # every device.
   config.mesh = (("data", -1),)
 
   config.predict = ml_collections.ConfigDict()
@@ -181,7 +185,10 @@ def get_config() -> ml_collections.ConfigDict:
   # --parts=quality --quality-model=linknet --quality-width=0.5 --tile=512 --train-steps=400).
   config.predict.halo = 112
   config.predict.tta = 1
-  config.predict.batch_size = 2
+  config.predict.batch_size = 2  # tiles per forward call, over all devices and hosts
+  # > 0: tiles per device per call (predict.batch_size becomes this times the device count, and a process predicting
+  # alone, as in multi-host validation, uses this times its own devices). 0 = batch_size.
+  config.predict.batch_size_per_device = 0
   config.predict.threshold = ml_collections.config_dict.placeholder(float)  # None = choose on validation images
   # Clean-up of the thresholded mask (urisc_jax/postprocess.py), also applied when the threshold is chosen; in
   # pixels, 0 = off: closing with a disk of this radius, then removal of 8-connected membrane specks smaller than

@@ -23,3 +23,23 @@ run() {
     "$@"
   fi
 }
+
+# Sets the array batch_flags to the per-device batch settings a multi-process job starts with: one crop and one tile
+# per device, so that the global batches (x the job's device count) split evenly over its processes at any scale.
+# A batch the given program flags already choose (--config.train.batch_size=N, ..._per_device=N, either section)
+# is left to them.
+per_device_batches() {
+  local section a given
+  batch_flags=()
+  for section in train predict; do
+    given=0
+    for a in "$@"; do
+      if [[ $a =~ ^--?config\.$section\.batch_size(_per_device)?(=|$) ]]; then
+        given=1
+      fi
+    done
+    if ((!given)); then
+      batch_flags+=("--config.$section.batch_size_per_device=1")
+    fi
+  done
+}

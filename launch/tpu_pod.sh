@@ -14,6 +14,8 @@
 # visible, unpack into ~/REMOTE_DIR (replacing the previous copy), pip install -r requirements.txt
 # "jax[tpu]==0.10.2"; (5) on every worker: python -m urisc_jax.main --distributed --config=CONFIG
 # --workdir=WORKDIR [flags...]. --distributed makes jax.distributed.initialize() find the other workers itself.
+# Unless the flags choose them, the batches are per device (--config.train.batch_size_per_device=1 and
+# --config.predict.batch_size_per_device=1: x the slice's chip count), so they split over any number of workers.
 #
 # Environment:
 #   DRY_RUN=1      print the commands (one per line, ready to paste into bash) and run nothing
@@ -107,6 +109,7 @@ setup=(
 )
 on_workers all "$(IFS=';'; printf '%s' "${setup[*]}")"
 
-# (5) The run, on every worker at once.
+# (5) The run, on every worker at once, with per-device batches unless the flags choose the batches.
+per_device_batches "$@"
 on_workers all "$(quote rm -f -- "$token"); $(quote cd -- "$remote_dir") && exec $(quote "$remote_python" \
-  -m urisc_jax.main --distributed "--config=$config" "--workdir=$workdir" "$@")"
+  -m urisc_jax.main --distributed "--config=$config" "--workdir=$workdir" ${batch_flags[@]+"${batch_flags[@]}"} "$@")"

@@ -32,6 +32,10 @@ TRICKY = [
     "--config.run_name=$HOME `id` \"q\" a\\b *.py ~",
 ]
 
+# What the multi-process launchers add when the flags choose no batch: per-device batches, which split evenly over
+# the processes at any scale.
+PER_DEVICE = ["--config.train.batch_size_per_device=1", "--config.predict.batch_size_per_device=1"]
+
 
 def _shellcheck() -> str | None:
   beside = pathlib.Path(sys.executable).parent / "shellcheck"
@@ -118,7 +122,24 @@ def test_slurm_dry_run_checks_the_workdir_then_runs_every_task_with_distributed(
   assert "--ntasks-per-node=1" in check and check[-1] == token  # one look per node, for the token just written
   assert words[3][-1] == token
   run = words[4]
-  assert _program_args(run) == ["--distributed", f"--config={CONFIG}", f"--workdir={workdir}", *TRICKY]
+  assert _program_args(run) == ["--distributed", f"--config={CONFIG}", f"--workdir={workdir}", *PER_DEVICE, *TRICKY]
+
+
+@pytest.mark.parametrize("given, added", [
+    (["--config.train.batch_size=128"], ["--config.predict.batch_size_per_device=1"]),
+    (["--config.predict.batch_size_per_device", "4"], ["--config.train.batch_size_per_device=1"]),
+    (["-config.train.batch_size_per_device=2", "--config.predict.batch_size=64"], []),
+    (["--config.train.batch_size_extra=3"], PER_DEVICE),  # another key: not a batch of either section
+])
+@pytest.mark.parametrize("script", ["slurm_multinode.sbatch", "tpu_pod.sh"])
+def test_launchers_leave_a_batch_the_flags_choose(tmp_path, script, given, added):
+  """The per-device defaults go in only for a section whose batch the flags do not set, global or per device."""
+  if script == "tpu_pod.sh":
+    *_, run = _worker_commands(tmp_path, "/mnt/shared/runs", *given)[1]
+    program = _program_args(_words(run.split(" && exec ", 1)[1]))
+  else:
+    program = _program_args(_words(_dry_run(SBATCH, CONFIG, "runs/x", *given)[-1]))
+  assert program[3:] == [*added, *given]
 
 
 def test_slurm_script_refuses_to_run_outside_a_job():
@@ -151,7 +172,8 @@ def test_slurm_script_runs_the_check_and_the_program_through_srun(tmp_path):
   workdir = tmp_path / "shared runs" / "it's $x"
   subprocess.run(["bash", str(SBATCH), CONFIG, str(workdir), *TRICKY], env=env, check=True, timeout=30)
   argv = (tmp_path / "argv").read_bytes().decode().split("\0")[:-1]
-  assert argv == ["-m", "urisc_jax.main", "--distributed", f"--config={CONFIG}", f"--workdir={workdir}", *TRICKY]
+  assert argv == ["-m", "urisc_jax.main", "--distributed", f"--config={CONFIG}", f"--workdir={workdir}", *PER_DEVICE,
+                  *TRICKY]
   assert list(workdir.iterdir()) == []  # the token is gone
 
 
@@ -277,7 +299,8 @@ def test_tpu_worker_commands_round_trip_through_the_remote_shell(tmp_path, shell
   assert (stub_out / "pip.args").read_bytes().decode().split("\0")[:-1] == [
       "-m", "pip", "install", "-q", "-r", "requirements.txt", "jax[tpu]==0.10.2"]
   argv = (stub_out / "urisc_jax.main.args").read_bytes().decode().split("\0")[:-1]
-  assert argv == ["-m", "urisc_jax.main", "--distributed", f"--config={CONFIG}", f"--workdir={workdir}", *TRICKY]
+  assert argv == ["-m", "urisc_jax.main", "--distributed", f"--config={CONFIG}", f"--workdir={workdir}", *PER_DEVICE,
+                  *TRICKY]
   assert os.listdir(workdir) == []  # the check file is removed before the run
 
 

@@ -3,7 +3,8 @@
 Orbax writes each step into a temporary folder and renames it when complete, so an interrupted save never leaves a
 checkpoint that looks whole; `latest_step` only sees finished ones. Resume is automatic: the trainer restores the
 newest step that can be read into arrays already laid out with the training shardings (`restore_latest`); a step
-damaged afterwards (a truncated copy, a deleted file, a full disk) is skipped for the one before it, and named.
+damaged afterwards (a truncated copy, a deleted file, a full disk) is skipped for the one before it, and named. In
+a multi-process run process 0 chooses that step for all, and a process that cannot read it stops them all.
 """
 
 import dataclasses
@@ -136,8 +137,15 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta or {})),
         force=True)
 
-  def restore(self, step: int, target_state: Any) -> tuple[Any, dict, dict]:
-    """Restores step `step` into the structure, dtypes and shardings of `target_state`.
+  def unreadable(self, step: int) -> str | None:
+    """Why step `step`'s arrays cannot be read (every one is read through TensorStore), or None when they can."""
+    where = self.directory / str(step)
+    # Before anything of orbax reads the step (its metadata reads each array's header the same way as a restore).
+    return _read_every_array(where / "state") if (where / "state" / "manifest.ocdbt").is_file() else None
+
+  def restore(self, step: int, target_state: Any, *, checked: bool = False) -> tuple[Any, dict, dict]:
+    """Restores step `step` into the structure, dtypes and shardings of `target_state`; `checked`: its arrays were
+    just read by `unreadable`.
 
     Returns:
       (state, data, meta) as saved.
@@ -148,8 +156,7 @@ class Checkpointer:
       UnreadableCheckpointsError: the step's files are missing or damaged.
     """
     where = self.directory / str(step)
-    # Before anything of orbax reads the step (its metadata reads each array's header the same way as a restore).
-    problem = _read_every_array(where / "state") if (where / "state" / "manifest.ocdbt").is_file() else None
+    problem = None if checked else self.unreadable(step)
     if problem is not None:
       raise UnreadableCheckpointsError(f"checkpoint {where} cannot be read: {problem}")
     stored = _stored_shapes(where / "state")
@@ -186,6 +193,8 @@ class Checkpointer:
       CheckpointMismatchError: as `restore`.
       UnreadableCheckpointsError: every step is unreadable; the message lists each and why.
     """
+    if jax.process_count() > 1:
+      return self._restore_agreed(target_state)
     skipped = {}
     for step in sorted(self.all_steps(), reverse=True):
       try:
@@ -195,13 +204,52 @@ class Checkpointer:
         logging.warning("%s; trying the step before it.", e)
         continue
       return Restored(step, state, data, meta, skipped)
+    self._raise_if_none_readable(skipped)
+    return None
+
+  def _raise_if_none_readable(self, skipped: dict[int, str]) -> None:
     if skipped:
       listing = "; ".join(skipped.values())
       raise UnreadableCheckpointsError(
           f"no step in {self.directory} can be read ({listing}). They were damaged after they were written (an "
           "interrupted copy, a full disk?): restore them from a backup, or move the folders named here aside to "
           "start over.")
-    return None
+
+  def _restore_agreed(self, target_state: Any) -> Restored | None:
+    """`restore_latest` for a multi-process run: every process restores the same step, or all stop.
+
+    Process 0 chooses (its newest step whose arrays all read, skipping the others as one process does) and
+    broadcasts the step with the ones it skipped; every process then reads that step's arrays before any restores
+    it (the processes run orbax's restore together), and the outcomes are gathered. A step that some process cannot
+    read stops every process with one message naming them: resuming from another step there would leave the
+    processes on different states (and JAX's preemption sync expects the same step everywhere).
+    """
+    choice = None
+    if multihost.is_writer():
+      skipped = {}
+      for step in sorted(self.all_steps(), reverse=True):
+        problem = self.unreadable(step)
+        if problem is None:
+          choice = (step, skipped)
+          break
+        skipped[step] = f"checkpoint {self.directory / str(step)} cannot be read: {problem}"
+        logging.warning("%s; trying the step before it.", skipped[step])
+      choice = choice or (None, skipped)
+    step, skipped = multihost.broadcast_object(choice)
+    if step is None:
+      self._raise_if_none_readable(skipped)
+      return None
+    problems = multihost.gather_objects(None if multihost.is_writer() else self.unreadable(step))
+    failed = {process: problem for process, problem in enumerate(problems) if problem is not None}
+    if failed:
+      listing = "; ".join(f"process {process}: {problem}" for process, problem in failed.items())
+      raise UnreadableCheckpointsError(
+          f"checkpoint {self.directory / str(step)}, the newest step process 0 can read, cannot be read by every "
+          f"process ({listing}). All processes resume from the same step: check that the workdir is the same "
+          "shared folder on every host and that its files are whole there, or move that step's folder aside to "
+          "resume from the one before it.")
+    state, data, meta = self.restore(step, target_state, checked=True)
+    return Restored(step, state, data, meta, skipped)
 
   def set_aside(self, steps, *, label: str = "unreadable") -> list[pathlib.Path]:
     """Renames step folders to `<step>.<label>-<time>`, out of orbax's sight, so that training can write those steps

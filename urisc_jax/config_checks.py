@@ -144,6 +144,50 @@ def _tensorstore_checks(problems: _Problems, mode: str) -> None:
                        f"{'trained on' if role == 'train' else 'scored'}): {volume}")
 
 
+# The per-device batch settings, the global key each one sets, and what one batch holds.
+PER_DEVICE_BATCHES = (("train", "crops"), ("predict", "tiles"))
+
+
+def resolve_batch_sizes(config, *, device_count: int | None = None) -> list[str]:
+  """Turns `<section>.batch_size_per_device` (when > 0) into the global `<section>.batch_size`, in place.
+
+  The global batch is then the per-device one times the job's device count (all hosts), so that one setting starts
+  a job of any size: a global batch must split evenly over the processes, which a fixed one does not at every
+  scale. Call it after the job is joined (`jax.device_count()` counts every host's devices) and before `validate`.
+  A per-device value that is not an integer >= 0 is left for `validate` to name.
+
+  Returns:
+    One line per batch it set, e.g. "config.train.batch_size=32 (4 crops per device x 8 devices)".
+  """
+  devices = jax.device_count() if device_count is None else device_count
+  lines = []
+  for section, what in PER_DEVICE_BATCHES:
+    node = config.get(section)
+    per_device = node.get("batch_size_per_device", 0) if node is not None else 0
+    if _is_int(per_device) and per_device > 0:
+      node.batch_size = per_device * devices
+      lines.append(f"config.{section}.batch_size={node.batch_size} ({per_device} {what} per device x {devices} "
+                   f"device{'s' if devices > 1 else ''})")
+  return lines
+
+
+def local_predict_batch(predict_config, local_device_count: int | None = None) -> int:
+  """Tiles per call for a process predicting alone on its own devices (multi-host validation): the per-device batch
+  times its devices when that is set, else `predict.batch_size` as it is."""
+  per_device = predict_config.get("batch_size_per_device", 0)
+  if _is_int(per_device) and per_device > 0:
+    return per_device * (jax.local_device_count() if local_device_count is None else local_device_count)
+  return predict_config.batch_size
+
+
+def _divisible_by_processes(problems: _Problems, section: str, batch: int) -> None:
+  processes = jax.process_count()
+  if batch % processes:
+    problems.lines.append(f"config.{section}.batch_size={batch}: must be a multiple of the {processes} processes of "
+                          f"this run; or set config.{section}.batch_size_per_device=N instead (the global batch is "
+                          f"then N x the {jax.device_count()} devices, whatever the job's size)")
+
+
 def validate(config, mode: str) -> None:
   """Raises ConfigError listing every problem in the sections `mode` reads (see SECTIONS); nothing else runs."""
   from urisc_jax import losses, models, optim, platforms, sharding  # pylint: disable=g-import-not-at-top
@@ -202,9 +246,10 @@ def validate(config, mode: str) -> None:
     for key in ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints"):
       problems.integer(key, 1)
     problems.integer("train.eval_every", 0)
-    if batch and batch % jax.process_count():
-      problems.lines.append(f"config.train.batch_size={batch}: must be a multiple of the {jax.process_count()} "
-                            "processes of this run")
+    if "batch_size_per_device" in config.train:
+      problems.integer("train.batch_size_per_device", 0)
+    if batch:
+      _divisible_by_processes(problems, "train", batch)
     if "optim" in sections and steps:
       problems.require("optim.learning_rate", lambda v: _is_number(v) and v > 0, "a positive number")
       problems.integer("optim.warmup_steps", 0)
@@ -230,9 +275,10 @@ def validate(config, mode: str) -> None:
     problems.require("predict.halo", lambda v: v is None or (_is_int(v) and v >= 0),
                      "unset (blended tiles) or an integer >= 0")
     predict_batch = problems.integer("predict.batch_size", 1)
-    if predict_batch and predict_batch % jax.process_count():
-      problems.lines.append(f"config.predict.batch_size={predict_batch}: must be a multiple of the "
-                            f"{jax.process_count()} processes of this run")
+    if "batch_size_per_device" in config.predict:
+      problems.integer("predict.batch_size_per_device", 0)
+    if predict_batch:
+      _divisible_by_processes(problems, "predict", predict_batch)
     problems.choice("predict.tta", TTA_CHOICES)
     problems.choice("predict.blend", BLEND_CHOICES)
     problems.choice("predict.on_error", ON_ERROR_CHOICES)

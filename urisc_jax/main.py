@@ -155,6 +155,10 @@ def main(argv):
   workdir = pathlib.Path(_WORKDIR.value)
   config = _CONFIG.value
   try:
+    # Per-device batches become global ones here, once the job's device count is known; config.json records them.
+    for line in config_checks.resolve_batch_sizes(config):
+      if multihost.is_writer():
+        print(f"batch: {line}", file=sys.stderr)
     config_checks.validate(config, _MODE.value)
     if workdir.exists() and not workdir.is_dir():
       raise config_checks.ConfigError(f"--workdir={workdir} is a file, not a folder; pass a folder.")

@@ -18,8 +18,8 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from urisc_jax import (checkpoint, inference, multihost, optim, outputs, postprocess, resolution, sharding,
-                       state)
+from urisc_jax import (checkpoint, config_checks, inference, multihost, optim, outputs, postprocess, resolution,
+                       sharding, state)
 from urisc_jax.data import sources
 from urisc_jax.data.prepare import PreparedImage
 from urisc_jax.evaluation import f1 as official
@@ -55,8 +55,9 @@ def prediction_mesh(batch_size: int, *, local: bool = False) -> Mesh | None:
 def tile_forward_binder(config, model, *, local: bool = False):
   """`bind(variables) -> TileForward` for `config.predict`, compiled once however many variables get bound; the
   batch of tiles is split over `prediction_mesh` (this process's devices only with `local`)."""
+  batch = config_checks.local_predict_batch(config.predict) if local else config.predict.batch_size
   return inference.tile_forward_binder(model, mean=config.data.mean, std=config.data.std, tta=config.predict.tta,
-                                       mesh=prediction_mesh(config.predict.batch_size, local=local))
+                                       mesh=prediction_mesh(batch, local=local))
 
 
 def tile_forward(config, model, variables, *, local: bool = False) -> inference.TileForward:
@@ -134,12 +135,18 @@ def choose_threshold(forward, images: list[PreparedImage], config, *, local_forw
     raise ValueError("choose_threshold needs at least one validation image; set config.predict.threshold instead.")
   processes, me = jax.process_count(), jax.process_index()
   alone = processes > 1 and local_forward is not None and len(images) >= processes
+  local_predict = config.predict
+  if alone and config_checks.local_predict_batch(config.predict) != config.predict.batch_size:
+    # This process's own batch of tiles: config.predict.batch_size_per_device x its devices.
+    local_predict = config.predict.copy_and_resolve_references()
+    local_predict.batch_size = config_checks.local_predict_batch(config.predict)
   curves = {}
   for i, im in enumerate(tqdm(images, desc="validate", unit="image", leave=False, disable=not multihost.is_writer())):
     mine = i % processes == me
     if alone and not mine:
       continue
-    probability = probabilities(local_forward if alone else forward, np.asarray(im.image()), config.predict)
+    probability = probabilities(local_forward if alone else forward, np.asarray(im.image()),
+                                local_predict if alone else config.predict)
     if mine:
       curves[i] = f1_per_threshold(probability, ground_truth(im, config), config.predict,
                                      gt_mode=config.eval.gt_mode)

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from urisc_jax import blockwise, inference, multihost, outputs, resolution, volumes
+from urisc_jax import blockwise, config_checks, inference, multihost, outputs, resolution, volumes
 from urisc_jax.volumes import VolumeError
 
 MARKERS = ".blocks"
@@ -568,6 +568,8 @@ def predict_volume(config, workdir, *, client=None, on_block: Callable[[int, dic
   if not multihost.is_writer():  # restored together; process 0 alone writes the output (multihost.process_0_drives)
     return {"output": str(out_path), "driver": 0}
   tiling = {k: pc.get(k) for k in ("tile", "step", "blend", "halo", "batch_size", "tta")}
+  # A worker drives one device: a per-device batch is its batch (not the job's global one).
+  tiling["batch_size"] = config_checks.local_predict_batch(pc, local_device_count=1)
   settings = {"block": vc.block, "chunk": vc.chunk, "levels": vc.levels, "dtype": vc.dtype}
   # The output's arrays as they will be (nothing is created yet): the markers' chunk files are checked against them.
   planned = volumes.output_volume(out_path, volume, chunk=vc.chunk, levels=vc.levels, dtype=vc.dtype)
