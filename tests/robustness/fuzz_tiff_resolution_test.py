@@ -28,6 +28,10 @@ import traceback
 import numpy as np
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))
+
+from tests.robustness.fuzz_images_test import peak_rss_kb  # pylint: disable=wrong-import-position
+
 DEFAULT_INPUTS = 400
 TRAIN_NM = 2.18
 # The cap the cases run under: a matched image may be resampled up to it (float32: 4 MB, a few copies).
@@ -103,21 +107,6 @@ def _case(rng, path: pathlib.Path) -> dict:
   return claim
 
 
-def _peak_rss_kb() -> int:
-  """This process's peak resident memory, KB: VmHWM on Linux, since ru_maxrss carries the maximum of the pytest
-  process it was forked from across fork and exec (as in fuzz_images_test.py); ru_maxrss elsewhere."""
-  try:
-    with open("/proc/self/status", encoding="ascii") as status:
-      for line in status:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1])
-  except OSError:
-    pass
-  import resource  # pylint: disable=g-import-not-at-top
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return peak // 1024 if sys.platform == "darwin" else peak
-
-
 class _Hang(Exception):
   pass
 
@@ -174,7 +163,7 @@ def _run(inputs: int, seed: int, scratch: pathlib.Path) -> dict:
       signal.alarm(0)
   return {"inputs": inputs, "seed": seed, "counts": counts, "failures": failures[:20],
           "failure_count": len(failures),
-          "peak_rss_mb": _peak_rss_kb() / 1024}
+          "peak_rss_mb": peak_rss_kb() / 1024}
 
 
 def test_fuzzed_resolution_tags_match_within_the_cap_or_are_refused(tmp_path):
